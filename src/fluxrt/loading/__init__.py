@@ -1,0 +1,1 @@
+"""Checkpoint discovery, format detection, key maps and strict direct-to-device loading."""

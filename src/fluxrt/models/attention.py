@@ -1,0 +1,78 @@
+"""Rotary position embedding and the one attention function every model uses.
+
+`rope(ids, axes_dim, theta)` turns (B, L, n_axes) integer positions into a (B, 1, L, head_dim/2, 2) table of
+(cos, sin); `apply_rope` rotates interleaved pairs (2k, 2k+1) of q and k in fp32.
+`attention(q, k, v)` takes (B, heads, L, head_dim) tensors and returns (B, L, heads*head_dim); its backend
+is chosen with `set_attention_backend` (outside the model), so every backend is tested against "sdpa".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rope(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
+    """(B, L, n_axes) positions -> (B, 1, L, sum(axes_dim)/2, 2) fp32 (cos, sin) of each pair's angle."""
+    # float64 angles where the device has them (as the reference FLUX code does), then fp32 tables.
+    f64 = ids.device.type not in ("mps",)
+    dtype = torch.float64 if f64 else torch.float32
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=ids.device) / dim)  # (dim/2,)
+        angles.append(ids[..., axis].to(dtype)[..., None] * omega)  # (B, L, dim/2)
+    phi = torch.cat(angles, dim=-1)  # (B, L, head_dim/2)
+    return torch.stack([torch.cos(phi), torch.sin(phi)], dim=-1).unsqueeze(1).float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, heads, L, D) by table (B, 1, L, D/2, 2); fp32 math, x's dtype out."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, L, D/2) each
+    cos, sin = table.unbind(-1)
+    out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax(QK^T/sqrt(d))V in fp32: the readable oracle the fast backends are tested against."""
+    w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5, dim=-1)
+    return (w @ v.float()).type_as(q)
+
+
+_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa, "math": _math}
+_active = ["sdpa"]
+
+
+def register_attention_backend(name: str, fn: Callable) -> None:
+    """Add a backend fn(q, k, v) -> (B, heads, L, D); used by accel modules (e.g. FlashAttention-3)."""
+    _BACKENDS[name] = fn
+
+
+def set_attention_backend(name: str) -> None:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(sorted(_BACKENDS))}")
+    _active[0] = name
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Temporarily switch the attention backend."""
+    old = _active[0]
+    set_attention_backend(name)
+    try:
+        yield
+    finally:
+        _active[0] = old
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, H, Lq, D) x (B, H, Lk, D) -> (B, Lq, H*D), no mask, scale 1/sqrt(D)."""
+    out = _BACKENDS[_active[0]](q, k, v)  # (B, H, Lq, D)
+    return out.transpose(1, 2).flatten(2)
