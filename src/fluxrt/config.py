@@ -106,6 +106,7 @@ class ModelSpec:
     default_guidance: float = 4.0
     fixed_steps_guidance: bool = False
     use_kv_cache: bool = False
+    default_size: tuple[int, int] = (1024, 1024)  # (width, height)
     repo_id: str | None = None
     flow_file: str | None = None
     ae_file: str = "ae.safetensors"
@@ -156,6 +157,22 @@ TINY = ModelSpec(
     default_steps=4,
 )  # fmt: skip
 
+# The embedded default model (trained here on the shapes world; `fluxrt train shapes`): the [dev] code path
+# (guidance embedding, Qwen3-family text encoder with three concatenated layers) at a size a CPU runs in seconds.
+SHAPES_TEXT = TextEncoderConfig("qwen3", "embedded", "embedded", 128, (2, 4, 6), max_length=64)
+SHAPES = ModelSpec(
+    "fluxrt-shapes",
+    TransformerConfig(
+        in_channels=128, context_in_dim=SHAPES_TEXT.out_dim, hidden_size=256, num_heads=4, depth=2,
+        depth_single_blocks=5, axes_dim=(16, 16, 16, 16),
+    ),
+    autoencoder=AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, norm_groups=8),
+    text_encoder=SHAPES_TEXT,
+    default_steps=24,
+    default_guidance=4.0,
+    default_size=(256, 256),
+)  # fmt: skip
+
 PRESETS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -169,6 +186,7 @@ PRESETS: dict[str, ModelSpec] = {
         _klein("flux.2-klein-base-9b", KLEIN_9B, QWEN3_8B, "black-forest-labs/FLUX.2-klein-base-9B",
                "flux-2-klein-base-9b.safetensors", base=True),
         TINY,
+        SHAPES,
     )
 }  # fmt: skip
 

@@ -1,0 +1,151 @@
+"""Rectified-flow training of the embedded model's transformer, then guidance distillation.
+
+Teacher: x_t = (1 - t) x0 + t eps, target v = eps - x0 (FLUX.2's convention, t = 1 is noise), text dropped
+with probability `p_uncond` (the empty prompt's features) so real CFG works. References are appended after the
+image tokens un-noised with ids (10 + 10 i, y, x, 0), exactly as FLUX.2 conditions them.
+Student (the [dev] path): the same network plus a guidance embedding, trained to output the teacher's CFG
+velocity u + g (c - u) in one forward for g drawn from `g_range`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling.latents import REF_T_SCALE, grid_ids, text_ids
+from ..sampling.schedule import time_shift
+from .schedule import Budget, cosine_optim
+
+
+@dataclass
+class LatentSet:
+    """Everything a training step draws from, on the training device."""
+
+    tokens: torch.Tensor  # (N, L, 128) normalised latent tokens of every rendered scene
+    ctx: torch.Tensor  # (P, T, C) text features of every prompt
+    empty_ctx: torch.Tensor  # (1, T, C) features of the empty prompt
+    groups: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # n_refs -> (target, refs, prompt) idx
+    side: int  # latent grid side, L = side * side
+
+
+def batch_ids(data: LatentSet, n_refs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, L * (1 + n_refs), 4) image+reference ids and (1, T, 4) text ids."""
+    ids = [grid_ids(data.side, data.side, 0, device)]
+    ids += [grid_ids(data.side, data.side, REF_T_SCALE * (i + 1), device) for i in range(n_refs)]
+    return torch.cat(ids)[None], text_ids(data.ctx.shape[1], device)[None]
+
+
+def draw(data: LatentSet, batch: int, gen: torch.Generator):
+    """A batch from one reference-count group (chosen in proportion to its size)."""
+    keys = sorted(data.groups)
+    sizes = torch.tensor([len(data.groups[k][0]) for k in keys], dtype=torch.float)
+    n_refs = keys[int(torch.multinomial(sizes, 1, generator=gen))]
+    tgt, refs, prompt = data.groups[n_refs]
+    pick = torch.randint(len(tgt), (batch,), generator=gen).to(tgt.device)
+    x0 = data.tokens[tgt[pick]].float()
+    ref = data.tokens[refs[pick]].flatten(1, 2).float() if n_refs else None  # (B, n_refs * L, 128)
+    return n_refs, x0, ref, data.ctx[prompt[pick]].float()
+
+
+def sample_t(batch: int, device, gen: torch.Generator, mu: float = 1.0) -> torch.Tensor:
+    """Logit-normal times shifted towards noise by mu, as the inference schedule is."""
+    t = torch.sigmoid(torch.randn(batch, generator=gen).to(device))
+    return time_shift(mu, 1.0, t).clamp(1e-4, 1 - 1e-4)
+
+
+def velocity(model, xt, ref, ids, t, ctx, ctx_ids, guidance=None):
+    x = xt if ref is None else torch.cat([xt, ref], dim=1)
+    b = xt.shape[0]
+    return model(x, ids.expand(b, -1, -1), t, ctx, ctx_ids.expand(b, -1, -1), guidance=guidance)[:, : xt.shape[1]]
+
+
+class EMA:
+    def __init__(self, model, decay: float):
+        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+
+
+def _step(model, opt, sched, loss, ema):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    ema.update(model)
+
+
+def train_teacher(model, data: LatentSet, budget: Budget, batch, lr=5e-4, p_uncond=0.1, ema=0.999, seed=0,
+                  log=print):  # fmt: skip
+    """Flow-matching training with caption dropout; returns the EMA model."""
+    dev = data.tokens.device
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = cosine_optim(model.parameters(), lr, budget, warmup=200, betas=(0.9, 0.99))
+    avg = EMA(model, ema)
+    model.train()
+    step = 0
+    while budget.running(step):
+        n_refs, x0, ref, ctx = draw(data, batch, gen)
+        drop = (torch.rand(batch, generator=gen) < p_uncond).to(dev)
+        ctx = torch.where(drop[:, None, None], data.empty_ctx.float(), ctx)
+        t = sample_t(batch, dev, gen)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        ids, ctx_ids = batch_ids(data, n_refs, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            pred = velocity(model, xt, ref, ids, t, ctx, ctx_ids)
+        loss = F.mse_loss(pred.float(), eps - x0)
+        _step(model, opt, sched, loss, avg)
+        budget.update(step)
+        if step % 250 == 0 or step == budget.total - 1:
+            log(f"teacher step {step}/{budget.total} refs {n_refs} loss {loss.item():.4f}")
+        step += 1
+    return avg.model
+
+
+def student_from_teacher(teacher, student):
+    """Copy every teacher weight into the student; its new guidance embedding starts as a zero function."""
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("guidance_in.") for k in missing):
+        raise ValueError(f"teacher and student differ beyond guidance_in: {missing} {unexpected}")
+    torch.nn.init.zeros_(student.guidance_in.out_layer.weight)
+    return student
+
+
+def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, lr=2e-4, g_range=(1.0, 6.0),
+                    ema=0.999, seed=1, log=print):  # fmt: skip
+    """Train `student(x, t, c, g)` to match the teacher's u + g (c - u); returns the EMA student."""
+    dev = data.tokens.device
+    gen = torch.Generator().manual_seed(seed)
+    opt, sched = cosine_optim(student.parameters(), lr, budget, warmup=100, betas=(0.9, 0.99))
+    avg = EMA(student, ema)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    step = 0
+    while budget.running(step):
+        n_refs, x0, ref, ctx = draw(data, batch, gen)
+        t = sample_t(batch, dev, gen)
+        g = (g_range[0] + (g_range[1] - g_range[0]) * torch.rand(batch, generator=gen)).to(dev)
+        eps = torch.randn(x0.shape, generator=gen).to(dev)
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        ids, ctx_ids = batch_ids(data, n_refs, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with torch.no_grad():
+                both = velocity(teacher, xt.repeat(2, 1, 1), None if ref is None else ref.repeat(2, 1, 1), ids,
+                                t.repeat(2), torch.cat([data.empty_ctx.float().expand_as(ctx), ctx]), ctx_ids)
+                uncond, cond = both.float().chunk(2)
+                target = uncond + g[:, None, None] * (cond - uncond)
+            pred = velocity(student, xt, ref, ids, t, ctx, ctx_ids, guidance=g)
+        loss = F.mse_loss(pred.float(), target)
+        _step(student, opt, sched, loss, avg)
+        budget.update(step)
+        if step % 250 == 0 or step == budget.total - 1:
+            log(f"student step {step}/{budget.total} refs {n_refs} loss {loss.item():.4f}")
+        step += 1
+    return avg.model

@@ -1,0 +1,200 @@
+"""Train the embedded default model (`fluxrt-shapes`) on the shapes world, in resumable stages.
+
+    python -m fluxrt.train.shapes --workdir runs/shapes --stages text,vae,teacher --device cuda
+    python -m fluxrt.train.shapes --workdir runs/shapes --stages student,eval,export --device cuda
+
+Stages: text (tokenizer + tiny Qwen3 LM), vae (autoencoder + latent statistics), teacher (flow model with
+caption dropout), student (guidance-distilled [dev]-path model), eval (held-out scores, student vs CFG teacher),
+export (the shipped files). Each stage reads what earlier stages wrote in `workdir`, so a run can stop after any
+stage and resume. Everything is seeded: the same command gives the same model on the same hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import SHAPES, replace
+from ..models.autoencoder import AutoEncoder
+from ..models.transformer import Flux2
+from . import data as D
+from . import flow, text, vae
+from .schedule import Budget
+
+SCALES = {
+    # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
+    "full": dict(examples=80_000, size=256, lm=(3000, 45), vae=(20000, 100), teacher=(40000, 240),
+                 student=(20000, 240), batch=128, vae_images=24_000, eval=200),
+    "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
+                  batch=4, vae_images=16, eval=2),
+}  # fmt: skip
+STAGES = ("text", "vae", "teacher", "student", "eval", "export")
+
+
+@dataclasses.dataclass
+class Run:
+    workdir: Path
+    device: torch.device
+    scale: dict
+    seed: int = 0
+    workers: int = 1
+    _cache: dict = dataclasses.field(default_factory=dict)
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.workdir / "log.txt", "a") as f:
+            f.write(line + "\n")
+
+    def examples(self) -> list[D.Example]:
+        if "examples" not in self._cache:
+            n = self.scale["examples"]
+            self._cache["examples"] = [D.sample_example(self.seed * 10_000_019 + i) for i in range(n)]
+        return self._cache["examples"]
+
+    def rendered(self) -> D.RenderedSet:
+        if "rendered" not in self._cache:
+            t0 = time.time()
+            self._cache["rendered"] = D.render_dataset(self.examples(), self.scale["size"], self.workers)
+            self.log(f"rendered {len(self._cache['rendered'].images)} scenes in {time.time() - t0:.0f}s")
+        return self._cache["rendered"]
+
+    def budget(self, stage: str) -> Budget:
+        steps, seconds = self.scale[stage]
+        return Budget(steps, seconds)
+
+    def images(self, n: int | None = None) -> torch.Tensor:
+        """The first `n` rendered images (all by default) as a uint8 tensor on the CPU."""
+        return torch.from_numpy(self.rendered().images[:n])
+
+
+def stage_text(run: Run) -> None:
+    corpus = sorted({ex.prompt for ex in run.examples()})
+    tok = text.build_tokenizer(corpus, SHAPES.text_encoder.max_length)
+    lm = text.build_lm(len(tok), SHAPES.text_encoder.hidden_size, max(SHAPES.text_encoder.output_layers), run.seed)
+    batch = 256 if run.scale is SCALES["full"] else 4
+    lm, loss = text.pretrain_lm(lm, tok, corpus, run.budget("lm"), batch, run.device, seed=run.seed, log=run.log)
+    out = run.workdir / "text_encoder"
+    lm.to(torch.float32).save_pretrained(out)
+    tok.save_pretrained(out)
+    run.log(f"text encoder: vocab {len(tok)}, final LM loss {loss:.3f}")
+
+
+def load_text_encoder(run: Run):
+    from ..models.text_encoder import load_text_encoder as load
+
+    return load(str(run.workdir / "text_encoder"), SHAPES.text_encoder, device=run.device, dtype=torch.float32)
+
+
+def stage_vae(run: Run) -> None:
+    torch.manual_seed(run.seed)
+    ae = AutoEncoder(SHAPES.autoencoder).to(run.device)
+    images = run.images(run.scale["vae_images"]).to(run.device)
+    loss = vae.train_vae(ae, images, run.budget("vae"), min(64, run.scale["batch"]), seed=run.seed, log=run.log)
+    vae.fit_latent_stats(ae, images)
+    save_file(ae.state_dict(), run.workdir / "ae.safetensors")
+    run.log(f"vae: final loss {loss:.5f}")
+
+
+def load_ae(run: Run) -> AutoEncoder:
+    ae = AutoEncoder(SHAPES.autoencoder)
+    ae.load_state_dict(load_file(run.workdir / "ae.safetensors"), strict=True)
+    return ae.to(run.device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def latent_set(run: Run) -> flow.LatentSet:
+    if "latents" in run._cache:
+        return run._cache["latents"]
+    rs, ae, te = run.rendered(), load_ae(run), load_text_encoder(run)
+    images = run.images()
+    tokens = torch.cat([vae.encode_all(ae, images[i : i + 8192].to(run.device)) for i in range(0, len(images), 8192)])
+    ctx = torch.cat([te.encode(rs.prompts[i : i + 1024]).to(torch.bfloat16) for i in range(0, len(rs.prompts), 1024)])
+    empty = te.encode([""]).to(torch.bfloat16)
+    groups = {n: tuple(torch.as_tensor(a, device=run.device) for a in g) for n, g in rs.groups.items()}
+    side = run.scale["size"] // SHAPES.autoencoder.downscale
+    run._cache["latents"] = flow.LatentSet(tokens, ctx.to(run.device), empty.to(run.device), groups, side)
+    return run._cache["latents"]
+
+
+def teacher_config():
+    return replace(SHAPES.transformer, use_guidance_embed=False)
+
+
+def stage_teacher(run: Run) -> None:
+    torch.manual_seed(run.seed)
+    model = Flux2(teacher_config()).to(run.device)
+    ema = flow.train_teacher(model, latent_set(run), run.budget("teacher"), run.scale["batch"], seed=run.seed,
+                             log=run.log)  # fmt: skip
+    save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "teacher.safetensors")
+
+
+def load_flow(run: Run, name: str, cfg) -> Flux2:
+    model = Flux2(cfg)
+    model.load_state_dict({k: v.float() for k, v in load_file(run.workdir / name).items()}, strict=True)
+    return model.to(run.device).eval().requires_grad_(False)
+
+
+def stage_student(run: Run) -> None:
+    torch.manual_seed(run.seed + 1)
+    teacher = load_flow(run, "teacher.safetensors", teacher_config())
+    student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
+    ema = flow.distill_student(student, teacher, latent_set(run), run.budget("student"), run.scale["batch"],
+                               seed=run.seed + 1, log=run.log)  # fmt: skip
+    save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "flow.safetensors")
+
+
+def stage_eval(run: Run) -> None:
+    from .evaluate import evaluate_models
+
+    ae, te = load_ae(run), load_text_encoder(run)
+    student = load_flow(run, "flow.safetensors", SHAPES.transformer)
+    teacher = load_flow(run, "teacher.safetensors", teacher_config())
+    res = evaluate_models(student, teacher, ae, te, n=run.scale["eval"], size=run.scale["size"], log=run.log)
+    (run.workdir / "eval.json").write_text(json.dumps(res, indent=1))
+
+
+def stage_export(run: Run) -> None:
+    """Write the shipped files: flow (bf16), ae (fp32), text_encoder/ (fp32 LM + tokenizer)."""
+    out = run.workdir / "export"
+    out.mkdir(exist_ok=True)
+    save_file(load_file(run.workdir / "flow.safetensors"), out / "flow.safetensors", metadata={"fluxrt": SHAPES.name})
+    save_file(load_file(run.workdir / "ae.safetensors"), out / "ae.safetensors")
+    te = run.workdir / "text_encoder"
+    (out / "text_encoder").mkdir(exist_ok=True)
+    for f in te.iterdir():
+        (out / "text_encoder" / f.name).write_bytes(f.read_bytes())
+    run.log(f"exported to {out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Train the embedded fluxrt-shapes model in resumable stages.")
+    ap.add_argument("--workdir", default="runs/shapes")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
+    ap.add_argument("--scale", default="full", choices=sorted(SCALES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
+    run = Run(Path(args.workdir), torch.device(args.device), SCALES[args.scale], args.seed, args.workers)
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for s in stages:
+        t0 = time.time()
+        globals()[f"stage_{s}"](run)
+        run.log(f"stage {s} done in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
