@@ -238,9 +238,9 @@ def sample_scene(rng_or_seed: RngLike, n_objects: int | None = None, split: str 
     return Scene(bg, tuple(objs))
 
 
-def sample_captioned(seed: int, split: str = "train") -> tuple[Scene, str]:
-    """A ``(scene, caption)`` pair, deterministic from ``seed``."""
-    rng = random.Random(seed)
+def sample_captioned(seed: RngLike, split: str = "train") -> tuple[Scene, str]:
+    """A ``(scene, caption)`` pair, deterministic from ``seed`` (int or Random)."""
+    rng = as_rng(seed)
     scene = sample_scene(rng, split=split)
     return scene, caption(scene, rng)
 
@@ -256,21 +256,25 @@ def object_geometry(obj: SceneObject, size: int) -> tuple[float, float, float]:
     return (c + 0.5) * cell, (r + 0.5) * cell, SIZE_FRACTION[obj.size] * cell
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None:
-    cx, cy, ext = object_geometry(obj, size)
-    h = ext / 2
-    fill = COLOURS[obj.colour]
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, extent: float,
+               fill) -> None:
+    """Draw ``shape`` with bounding-box side ``extent`` centred at ``(cx, cy)``.
+
+    Triangles point up (base = height = extent, centroid ``extent / 6`` below
+    the centre); diamonds are squares rotated 45 degrees with diagonal ``extent``.
+    """
+    h = extent / 2
     box = [round(cx - h), round(cy - h), round(cx + h) - 1, round(cy + h) - 1]
-    if obj.shape == "circle":
+    if shape == "circle":
         draw.ellipse(box, fill=fill)
-    elif obj.shape == "square":
+    elif shape == "square":
         draw.rectangle(box, fill=fill)
-    elif obj.shape == "triangle":  # apex up, base = height = extent
+    elif shape == "triangle":
         draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
-    elif obj.shape == "diamond":  # square rotated 45 degrees, diagonal = extent
+    elif shape == "diamond":
         draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
     else:
-        raise ValueError(obj.shape)
+        raise ValueError(f"unknown shape {shape!r}")
 
 
 def render(scene: Scene, size: int = 256, supersample: int = 4) -> Image.Image:
@@ -279,7 +283,8 @@ def render(scene: Scene, size: int = 256, supersample: int = 4) -> Image.Image:
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        _draw_object(draw, obj, big)
+        cx, cy, ext = object_geometry(obj, big)
+        draw_shape(draw, obj.shape, cx, cy, ext, COLOURS[obj.colour])
     if supersample > 1:
         img = img.resize((size, size), Image.Resampling.BOX)
     return img
@@ -301,12 +306,10 @@ def position_phrase(cell: tuple[int, int], rng: random.Random) -> str:
     """Prepositional phrase for a cell, e.g. "in the top left", "on the left"."""
     word = rng.choice(CELL_WORDS[tuple(cell)])
     r, c = cell
-    if (r, c) == (1, 1):
-        preps = ["in the", "at the"]
-    elif r == 1:
+    if word in ("left", "right"):
         preps = ["on the", "at the"]
-    elif c == 1:
-        preps = ["at the", "along the"] if word in ("top", "bottom") else ["at the", "in the"]
+    elif word in ("top", "bottom"):
+        preps = ["at the", "along the"]
     else:
         preps = ["in the", "at the"]
     phrase = f"{rng.choice(preps)} {word}"
