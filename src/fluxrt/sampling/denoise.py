@@ -35,9 +35,15 @@ def _full(img: torch.Tensor, value: float, n: int | None = None) -> torch.Tensor
     return torch.full((n or img.shape[0],), value, dtype=img.dtype, device=img.device)
 
 
+def _batched_refs(img, img_ids, ref, ref_ids):
+    """Broadcast (1, L_ref, .) references to the batch of img / img_ids and cast them to img's dtype."""
+    return ref.to(img.dtype).expand(img.shape[0], -1, -1), ref_ids.expand(img_ids.shape[0], -1, -1)
+
+
 def _with_refs(img, img_ids, ref, ref_ids):
     if ref is None:
         return img, img_ids
+    ref, ref_ids = _batched_refs(img, img_ids, ref, ref_ids)
     return torch.cat([img, ref], dim=1), torch.cat([img_ids, ref_ids], dim=1)
 
 
@@ -52,14 +58,19 @@ def guided_velocity(model: Denoiser, img_ids, ctx, ctx_ids, guidance=None, ref=N
     return velocity
 
 
+def _twice(ids: torch.Tensor) -> torch.Tensor:
+    """Ids for the doubled CFG batch; batch-1 ids broadcast and stay as they are."""
+    return ids if ids.shape[0] == 1 else torch.cat([ids, ids])
+
+
 def cfg_velocity(model: Denoiser, img_ids, ctx, neg_ctx, ctx_ids, scale: float, ref=None, ref_ids=None) -> Velocity:
     """True CFG with the unconditional and conditional halves batched into one forward: u + s (c - u)."""
 
     def velocity(img, t, step):
         x, ids = _with_refs(img, img_ids, ref, ref_ids)
         pred = model(
-            torch.cat([x, x]), torch.cat([ids, ids]), _full(img, t, 2 * img.shape[0]),
-            torch.cat([neg_ctx, ctx]), torch.cat([ctx_ids, ctx_ids]), guidance=None,
+            torch.cat([x, x]), _twice(ids), _full(img, t, 2 * img.shape[0]),
+            torch.cat([neg_ctx, ctx]), _twice(ctx_ids), guidance=None,
         )[:, : img.shape[1]]  # fmt: skip
         uncond, cond = pred.chunk(2)
         return uncond + scale * (cond - uncond)
@@ -74,7 +85,8 @@ def kv_velocity(model, img_ids, ctx, ctx_ids, ref, ref_ids, guidance=None) -> Ve
     def velocity(img, t, step):
         g = None if guidance is None else _full(img, guidance)
         if step == 0:
-            pred, state["kv"] = model.forward_kv_extract(img, img_ids, ref, ref_ids, _full(img, t), ctx, ctx_ids, g)
+            r, r_ids = _batched_refs(img, img_ids, ref, ref_ids)
+            pred, state["kv"] = model.forward_kv_extract(img, img_ids, r, r_ids, _full(img, t), ctx, ctx_ids, g)
             return pred
         return model(img, img_ids, _full(img, t), ctx, ctx_ids, guidance=g, kv=state["kv"])
 
