@@ -29,6 +29,7 @@ class LatentSet:
     empty_ctx: torch.Tensor  # (1, T, C) features of the empty prompt
     groups: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # n_refs -> (target, refs, prompt) idx
     side: int  # latent grid side, L = side * side
+    mu: float  # schedule shift used at inference for this size (training times follow it)
 
 
 def batch_ids(data: LatentSet, n_refs: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +51,15 @@ def draw(data: LatentSet, batch: int, gen: torch.Generator):
     return n_refs, x0, ref, data.ctx[prompt[pick]].float()
 
 
-def sample_t(batch: int, device, gen: torch.Generator, mu: float = 1.0) -> torch.Tensor:
-    """Logit-normal times shifted towards noise by mu, as the inference schedule is."""
-    t = torch.sigmoid(torch.randn(batch, generator=gen).to(device))
-    return time_shift(mu, 1.0, t).clamp(1e-4, 1 - 1e-4)
+def sample_t(batch: int, device, gen: torch.Generator, mu: float) -> torch.Tensor:
+    """Training times: half logit-normal, half uniform, both shifted by the inference schedule's mu.
+
+    The shift must match sampling: the first steps (t near 1) decide the layout and colours from the text alone,
+    and an unshifted distribution almost never trains there.
+    """
+    u = torch.where(torch.rand(batch, generator=gen) < 0.5, torch.sigmoid(torch.randn(batch, generator=gen)),
+                    torch.rand(batch, generator=gen))  # fmt: skip
+    return time_shift(mu, 1.0, u.to(device)).clamp(1e-4, 1 - 1e-4)
 
 
 def velocity(model, xt, ref, ids, t, ctx, ctx_ids, guidance=None):
@@ -63,13 +69,18 @@ def velocity(model, xt, ref, ids, t, ctx, ctx_ids, guidance=None):
 
 
 class EMA:
+    """Exponential moving average of the weights with warm-up: decay min(d, (1 + n) / (10 + n)) at update n,
+    so a short run is not dominated by its random initialisation."""
+
     def __init__(self, model, decay: float):
-        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.n, self.model = decay, 0, copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model):
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        self.n += 1
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+            e.lerp_(p.detach(), 1 - d)
 
 
 def _step(model, opt, sched, loss, ema):
@@ -94,7 +105,7 @@ def train_teacher(model, data: LatentSet, budget: Budget, batch, lr=5e-4, p_unco
         n_refs, x0, ref, ctx = draw(data, batch, gen)
         drop = (torch.rand(batch, generator=gen) < p_uncond).to(dev)
         ctx = torch.where(drop[:, None, None], data.empty_ctx.float(), ctx)
-        t = sample_t(batch, dev, gen)
+        t = sample_t(batch, dev, gen, data.mu)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         ids, ctx_ids = batch_ids(data, n_refs, dev)
@@ -130,7 +141,7 @@ def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, lr
     step = 0
     while budget.running(step):
         n_refs, x0, ref, ctx = draw(data, batch, gen)
-        t = sample_t(batch, dev, gen)
+        t = sample_t(batch, dev, gen, data.mu)
         g = (g_range[0] + (g_range[1] - g_range[0]) * torch.rand(batch, generator=gen)).to(dev)
         eps = torch.randn(x0.shape, generator=gen).to(dev)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps

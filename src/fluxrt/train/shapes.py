@@ -24,16 +24,17 @@ from safetensors.torch import load_file, save_file
 from ..config import SHAPES, replace
 from ..models.autoencoder import AutoEncoder
 from ..models.transformer import Flux2
+from ..sampling.schedule import compute_empirical_mu
 from . import data as D
 from . import flow, text, vae
 from .schedule import Budget
 
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
-    "full": dict(examples=80_000, size=256, lm=(3000, 45), vae=(20000, 100), teacher=(40000, 240),
-                 student=(20000, 240), batch=128, vae_images=24_000, eval=200),
+    "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 200),
+                 student=(20000, 110), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=200),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
-                  batch=4, vae_images=16, eval=2),
+                  batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
 
@@ -97,7 +98,8 @@ def stage_vae(run: Run) -> None:
     torch.manual_seed(run.seed)
     ae = AutoEncoder(SHAPES.autoencoder).to(run.device)
     images = run.images(run.scale["vae_images"]).to(run.device)
-    loss = vae.train_vae(ae, images, run.budget("vae"), min(64, run.scale["batch"]), seed=run.seed, log=run.log)
+    loss = vae.train_vae(ae, images, run.budget("vae"), min(64, run.scale["batch"]), seed=run.seed,
+                         crop=run.scale["vae_crop"], log=run.log)  # fmt: skip
     vae.fit_latent_stats(ae, images)
     save_file(ae.state_dict(), run.workdir / "ae.safetensors")
     run.log(f"vae: final loss {loss:.5f}")
@@ -120,7 +122,8 @@ def latent_set(run: Run) -> flow.LatentSet:
     empty = te.encode([""]).to(torch.bfloat16)
     groups = {n: tuple(torch.as_tensor(a, device=run.device) for a in g) for n, g in rs.groups.items()}
     side = run.scale["size"] // SHAPES.autoencoder.downscale
-    run._cache["latents"] = flow.LatentSet(tokens, ctx.to(run.device), empty.to(run.device), groups, side)
+    mu = compute_empirical_mu(side * side, SHAPES.default_steps)
+    run._cache["latents"] = flow.LatentSet(tokens, ctx.to(run.device), empty.to(run.device), groups, side, mu)
     return run._cache["latents"]
 
 
@@ -129,10 +132,14 @@ def teacher_config():
 
 
 def stage_teacher(run: Run) -> None:
+    """Train the teacher; if `teacher.safetensors` exists, training resumes from those (EMA) weights."""
     torch.manual_seed(run.seed)
     model = Flux2(teacher_config()).to(run.device)
-    ema = flow.train_teacher(model, latent_set(run), run.budget("teacher"), run.scale["batch"], seed=run.seed,
-                             log=run.log)  # fmt: skip
+    if (run.workdir / "teacher.safetensors").exists():
+        model = load_flow(run, "teacher.safetensors", teacher_config()).requires_grad_(True)
+        run.log("teacher: resuming from teacher.safetensors")
+    ema = flow.train_teacher(model, latent_set(run), run.budget("teacher"), run.scale["batch"], lr=run.scale["lr"],
+                             seed=run.seed, log=run.log)  # fmt: skip
     save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "teacher.safetensors")
 
 

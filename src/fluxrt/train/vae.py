@@ -19,21 +19,30 @@ def to_pixels(u8: torch.Tensor) -> torch.Tensor:
     return u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _crops(x: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tensor:
+    """One random (size x size) crop per image, aligned to 16 px (the VAE is convolutional but for its mid)."""
+    if size is None or size >= x.shape[-1]:
+        return x
+    top, left = (int(v) * 16 for v in torch.randint((x.shape[-1] - size) // 16 + 1, (2,), generator=g, device=x.device))
+    return x[..., top : top + size, left : left + size]
+
+
 def train_vae(ae: AutoEncoder, images: torch.Tensor, budget: Budget, batch: int, lr=1e-3, kl=1e-6, seed=0,
-              log=print):  # fmt: skip
-    """Train in place on uint8 `images` (N, S, S, 3) already on the training device; returns the last loss."""
+              crop: int | None = None, log=print):  # fmt: skip
+    """Train in place on uint8 `images` (N, S, S, 3) already on the training device, on random `crop`-pixel
+    crops (whole images if None); loss MSE + 0.1 L1 + kl * KL. Returns the last loss."""
     g = torch.Generator(device=images.device).manual_seed(seed)
     opt, sched = cosine_optim(ae.parameters(), lr, budget, floor=0.02)
     ae.train()
     loss, step = torch.tensor(0.0), 0
     while budget.running(step):
-        x = to_pixels(images[torch.randint(len(images), (batch,), generator=g, device=images.device)])
+        x = _crops(to_pixels(images[torch.randint(len(images), (batch,), generator=g, device=images.device)]), crop, g)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
             mean, logvar = ae.encoder(x).float().chunk(2, dim=1)
             z = mean + torch.exp(0.5 * logvar.clamp(-20, 10)) * torch.randn_like(mean)
             rec = ae.decoder(z).float()
         kl_term = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = F.mse_loss(rec, x) + kl * kl_term
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + kl * kl_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
