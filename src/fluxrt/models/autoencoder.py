@@ -187,4 +187,5 @@ class AutoEncoder(nn.Module):
         return self.normalize(patchify(mean))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(unpatchify(self.inv_normalize(z)))
+        # The statistics stay fp32; cast back to the decoder's dtype so a bf16 VAE decodes too.
+        return self.decoder(unpatchify(self.inv_normalize(z)).to(self.decoder.conv_in.weight.dtype))
