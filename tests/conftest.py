@@ -8,13 +8,14 @@ Random weights are normal(0, 0.05) so every layer moves the output; norm scales 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from fluxrt.config import AutoEncoderConfig, TransformerConfig
+from fluxrt.config import TINY, AutoEncoderConfig, TransformerConfig
 from fluxrt.models.autoencoder import AutoEncoder
 from fluxrt.models.transformer import Flux2
 
@@ -50,6 +51,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
 def tiny_flux2(cfg: TransformerConfig = TINY_TRANSFORMER, seed: int = 0) -> Flux2:
     """A Flux2 with random weights (fp32, eval mode)."""
     return randomize_(Flux2(cfg), seed).eval()
+
+
+def tiny_flow(guidance_embed: bool) -> Flux2:
+    """The tiny preset with weights doubled (and random QK-norm scales) so attention mixing is not negligible."""
+    torch.manual_seed(1)
+    model = Flux2(dataclasses.replace(TINY.transformer, use_guidance_embed=guidance_embed)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith("scale") else 2 * p)
+    return model
 
 
 def tiny_autoencoder(cfg: AutoEncoderConfig = TINY_AE, seed: int = 0) -> AutoEncoder:

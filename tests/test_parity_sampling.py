@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_flow
 from fluxrt.config import TINY, replace
 from fluxrt.loading.keymaps import transformer_bfl_to_diffusers, vae_bfl_to_diffusers
 from fluxrt.models.autoencoder import AutoEncoder, unpatchify
@@ -64,16 +65,6 @@ def test_schedule_matches_diffusers(width, height, steps):
 
 
 # ---------------------------------------------------------------- tiny models, ours and diffusers'
-
-
-def _tiny_flow(guidance_embed: bool) -> Flux2:
-    """Tiny random model; weights doubled (and random QK-norm scales) so attention mixing is not negligible."""
-    torch.manual_seed(1)
-    model = Flux2(replace(TINY.transformer, use_guidance_embed=guidance_embed)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith("scale") else 2 * p)
-    return model
 
 
 def _diffusers_flow(model: Flux2) -> Flux2Transformer2DModel:
@@ -165,7 +156,7 @@ def _diffusers_condition_images(pipe, images) -> list[torch.Tensor]:
 @pytest.mark.parametrize("sizes", [[(1500, 1000)], [(3000, 400), (67, 100)], [(1100, 1100), (1031, 517)]])
 def test_reference_preprocessing_matches_diffusers(ae, sizes):
     images = [_rgb(w, h, i) for i, (w, h) in enumerate(sizes)]
-    pipe = _pipe(Flux2Pipeline, ae, _tiny_flow(True))
+    pipe = _pipe(Flux2Pipeline, ae, tiny_flow(True))
     theirs = _diffusers_condition_images(pipe, images)
     ours = [R.image_to_tensor(im) for im in R.prepare_references(images, cap="diffusers")]
     assert [t.shape for t in ours] == [t.shape for t in theirs]
@@ -184,7 +175,7 @@ def test_single_large_reference_bfl_cap_differs_from_diffusers():
 
 @pytest.mark.parametrize("steps, size", [(4, (4, 6)), (6, (5, 4))])
 def test_dev_t2i_matches_diffusers(ae, steps, size):
-    model = _tiny_flow(True)
+    model = tiny_flow(True)
     noise, ctx, _ = _case(2, *size, seed=steps)
     pipe = _pipe(Flux2Pipeline, ae, model)
     with torch.no_grad():
@@ -197,7 +188,7 @@ def test_dev_t2i_matches_diffusers(ae, steps, size):
 
 
 def test_dev_two_references_match_diffusers(ae):
-    model = _tiny_flow(True)
+    model = tiny_flow(True)
     noise, ctx, _ = _case(2, 4, 5, seed=7)
     images = [_rgb(88, 70, 1), _rgb(67, 100, 2)]  # cropped to 80x64 and 64x96 by both
     pipe = _pipe(Flux2Pipeline, ae, model)
@@ -215,7 +206,7 @@ def test_dev_two_references_match_diffusers(ae):
 
 @pytest.mark.parametrize("with_ref", [False, True])
 def test_klein_base_cfg_matches_diffusers(ae, with_ref):
-    model = _tiny_flow(False)
+    model = tiny_flow(False)
     noise, ctx, neg = _case(2, 4, 4, seed=11)
     images = [_rgb(70, 90, 3)] if with_ref else None
     pipe = _pipe(Flux2KleinPipeline, ae, model, is_distilled=False)
@@ -231,7 +222,7 @@ def test_klein_base_cfg_matches_diffusers(ae, with_ref):
 
 
 def test_klein_kv_matches_diffusers(ae):
-    model = _tiny_flow(False)
+    model = tiny_flow(False)
     noise, ctx, _ = _case(2, 4, 4, seed=13)
     images = [_rgb(100, 75, 4)]  # cropped to 96x64
     pipe = _pipe(Flux2KleinKVPipeline, ae, model)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_flow
 from fluxrt.config import TINY, replace
 from fluxrt.models.autoencoder import AutoEncoder
 from fluxrt.models.transformer import Flux2
@@ -230,19 +231,9 @@ def test_euler_in_bf16_rounds_each_step_like_the_reference():
 # ---------------------------------------------------------------- guidance policies on a tiny model
 
 
-def _tiny_flow(guidance_embed: bool) -> Flux2:
-    """Tiny random model; weights doubled (and random QK-norm scales) so attention mixing is not negligible."""
-    torch.manual_seed(1)
-    model = Flux2(replace(TINY.transformer, use_guidance_embed=guidance_embed)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.5 * torch.randn_like(p) if name.endswith("scale") else 2 * p)
-    return model
-
-
 @pytest.fixture(scope="module")
 def klein():
-    return _tiny_flow(False)
+    return tiny_flow(False)
 
 
 def _inputs(b=2, h=2, w=3, n_txt=8):
@@ -311,7 +302,7 @@ def test_kv_step0_differs_from_plain_refs(klein):
 
 @torch.no_grad()
 def test_sample_modes_run_and_match_manual_euler():
-    dev = _tiny_flow(True)
+    dev = tiny_flow(True)
     g = torch.Generator().manual_seed(4)
     noise, ctx = torch.randn(1, 128, 2, 3, generator=g), torch.randn(1, 8, 48, generator=g)
     out = sample(dev, noise, ctx, num_steps=3, mode="embedded", guidance=3.5)

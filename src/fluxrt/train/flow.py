@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..sampling.latents import REF_T_SCALE, grid_ids, text_ids
 from ..sampling.schedule import time_shift
-from .schedule import Budget, cosine_optim
+from .schedule import Budget, cosine_optim, optimizer_step
 
 
 @dataclass
@@ -83,15 +83,6 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
 
 
-def _step(model, opt, sched, loss, ema):
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    ema.update(model)
-
-
 def train_teacher(model, data: LatentSet, budget: Budget, batch, lr=5e-4, p_uncond=0.1, ema=0.999, seed=0,
                   log=print):  # fmt: skip
     """Flow-matching training with caption dropout; returns the EMA model."""
@@ -112,11 +103,9 @@ def train_teacher(model, data: LatentSet, budget: Budget, batch, lr=5e-4, p_unco
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             pred = velocity(model, xt, ref, ids, t, ctx, ctx_ids)
         loss = F.mse_loss(pred.float(), eps - x0)
-        _step(model, opt, sched, loss, avg)
-        budget.update(step)
-        if step % 250 == 0 or step == budget.total - 1:
-            log(f"teacher step {step}/{budget.total} refs {n_refs} loss {loss.item():.4f}")
-        step += 1
+        optimizer_step(opt, sched, loss, model.parameters())
+        avg.update(model)
+        step = budget.tick(step, log, 250, lambda: f"teacher refs {n_refs} loss {loss.item():.4f}")
     return avg.model
 
 
@@ -154,9 +143,7 @@ def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, lr
                 target = uncond + g[:, None, None] * (cond - uncond)
             pred = velocity(student, xt, ref, ids, t, ctx, ctx_ids, guidance=g)
         loss = F.mse_loss(pred.float(), target)
-        _step(student, opt, sched, loss, avg)
-        budget.update(step)
-        if step % 250 == 0 or step == budget.total - 1:
-            log(f"student step {step}/{budget.total} refs {n_refs} loss {loss.item():.4f}")
-        step += 1
+        optimizer_step(opt, sched, loss, student.parameters())
+        avg.update(student)
+        step = budget.tick(step, log, 250, lambda: f"student refs {n_refs} loss {loss.item():.4f}")
     return avg.model

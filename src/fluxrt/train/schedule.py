@@ -29,6 +29,23 @@ class Budget:
     def running(self, step: int) -> bool:
         return step < self.total
 
+    def tick(self, step: int, log, every: int, message) -> int:
+        """After `step`: fit the budget, log `message()` every `every` steps and at the last; returns step + 1."""
+        self.update(step)
+        if step % every == 0 or step == self.total - 1:
+            log(f"{message()} (step {step}/{self.total})")
+        return step + 1
+
+
+def optimizer_step(opt, sched, loss: torch.Tensor, clip_params=None, clip: float = 1.0) -> None:
+    """Backward, optional gradient clipping, optimizer and scheduler step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, clip)
+    opt.step()
+    sched.step()
+
 
 def cosine_optim(params, lr: float, budget: Budget, warmup: int = 100, floor: float = 0.1, **kw):
     """AdamW with linear warm-up then cosine decay to `floor` * lr at `budget.total` steps."""

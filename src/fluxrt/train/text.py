@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from .schedule import Budget, cosine_optim
+from .schedule import Budget, cosine_optim, optimizer_step
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "[UNK]"]
 CHAT_TEMPLATE = (
@@ -76,12 +76,6 @@ def pretrain_lm(lm, tokenizer, corpus: list[str], budget: Budget, batch: int, de
         enc = tokenizer(chat_texts(tokenizer, prompts), padding="longest", return_tensors="pt").to(device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         loss = lm(**enc, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        budget.update(step)
-        if step % 200 == 0 or step == budget.total - 1:
-            log(f"lm step {step}/{budget.total} loss {loss.item():.3f}")
-        step += 1
+        optimizer_step(opt, sched, loss)
+        step = budget.tick(step, log, 200, lambda: f"lm loss {loss.item():.3f}")
     return lm.eval().requires_grad_(False), float(loss.detach())

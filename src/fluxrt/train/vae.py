@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.autoencoder import AutoEncoder, patchify
-from .schedule import Budget, cosine_optim
+from .schedule import Budget, cosine_optim, optimizer_step
 
 
 def to_pixels(u8: torch.Tensor) -> torch.Tensor:
@@ -43,14 +43,8 @@ def train_vae(ae: AutoEncoder, images: torch.Tensor, budget: Budget, batch: int,
             rec = ae.decoder(z).float()
         kl_term = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + kl * kl_term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        budget.update(step)
-        if step % 250 == 0 or step == budget.total - 1:
-            log(f"vae step {step}/{budget.total} loss {loss.item():.5f}")
-        step += 1
+        optimizer_step(opt, sched, loss)
+        step = budget.tick(step, log, 250, lambda: f"vae loss {loss.item():.5f}")
     ae.eval().requires_grad_(False)
     return float(loss.detach())
 
