@@ -1,0 +1,192 @@
+"""Time FLUX.2 sampling (the transformer's denoising loop) under the parallel plans, random full-size weights.
+
+    PYTHONPATH=src python3 -m torch.distributed.run --nproc-per-node 2 bench/parallel.py \
+        --model flux.2-dev --sizes 1024 --steps 50 --plans 1 sp2 ring2 tp2 --out $OUT/parallel_2gpu_1024.json
+
+Plans (the product of the numbers must be the world size, except "1"):
+  1          one GPU (rank 0 alone; the others wait): the baseline, measured in the same job
+  spN        Ulysses sequence parallel over N ranks        ringN    ring attention over N ranks
+  tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
+Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, batch 1,
+512 text tokens, dev guidance 4). The weights are random (std 1/sqrt(fan_in)), built on the meta device and
+materialised per rank already sharded, so no rank ever holds more than its plan needs.
+A correctness check runs first for each plan: a shallow model of the same width (1 double + 2 single blocks,
+real sliced weights) at the same size, parallel vs one process on the same rank, bf16; its max |diff| and
+max |reference| are recorded. NCCL_* variables are recorded as found and never set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import time
+
+import torch
+import torch.distributed as dist
+
+from fluxrt.config import get_preset
+from fluxrt.models.transformer import Flux2
+from fluxrt.parallel import Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env, parallelize
+from fluxrt.parallel.sp import SequenceParallel
+from fluxrt.sampling.latents import grid_ids, text_ids
+from fluxrt.sampling.run import sample
+
+PLAN = re.compile(r"^(?:(sp|ring)(\d+))?(?:tp(\d+))?$")
+
+
+def parse_plan(name: str) -> tuple[int, int, str]:
+    """'1' -> (1, 1, 'ulysses'); 'ring2tp2' -> (2, 2, 'ring'); 'tp4' -> (1, 4, 'ulysses')."""
+    m = PLAN.match(name)
+    if name == "1":
+        return 1, 1, "ulysses"
+    if not m or not name:
+        raise ValueError(f"bad plan {name!r}: use 1, spN, ringN, tpN, spAtpB or ringAtpB")
+    return int(m[2] or 1), int(m[3] or 1), "ring" if m[1] == "ring" else "ulysses"
+
+
+def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Normal(0, 1/sqrt(fan_in)) matrices, norm scales 1; the same values on every rank (same seed)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+    return model
+
+
+def build(cfg, mesh: Mesh | None, attn: str, device) -> torch.nn.Module:
+    """Random bf16 model for a plan, sharded on the meta device before any memory is allocated."""
+    with torch.device("meta"):
+        model = Flux2(cfg)
+    if mesh is not None and mesh.tp > 1:
+        apply_tensor_parallel(model, mesh.tp_group)
+    model = random_init_(model.to_empty(device=device).to(torch.bfloat16)).eval().requires_grad_(False)
+    return SequenceParallel(model, mesh.sp_group, attn) if mesh is not None and mesh.sp > 1 else model
+
+
+def inputs(cfg, size: int, device, n_txt: int = 512):
+    g = torch.Generator(device=device).manual_seed(1)
+    noise = torch.randn(1, cfg.in_channels, size // 16, size // 16, generator=g, device=device)
+    ctx = torch.randn(1, n_txt, cfg.context_in_dim, generator=g, device=device)
+    return noise.bfloat16(), ctx.bfloat16()
+
+
+@torch.no_grad()
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device) -> dict:
+    """Shallow full-width model: parallel plan vs the same weights in one process (bf16)."""
+    if mesh is None:
+        return {}
+    small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
+    model = random_init_(Flux2(small).to(device, torch.bfloat16)).eval()
+    noise, ctx = inputs(small, size, device)
+    x = noise.flatten(2).transpose(1, 2)
+    args = (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((1,), 0.5, device=device), ctx,
+            text_ids(ctx.shape[1], device)[None])  # fmt: skip
+    g = torch.full((1,), 4.0, device=device) if small.use_guidance_embed else None
+    ref = model(*args, guidance=g)
+    out = parallelize(model, mesh, attn)(*args, guidance=g)
+    diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
+    return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
+
+
+def _all_max(v: float, device) -> float:
+    if not dist.is_initialized():
+        return v
+    t = torch.tensor([v], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def timed(model, cfg, size: int, steps: int, device) -> dict:
+    noise, ctx = inputs(cfg, size, device)
+    g = 4.0 if cfg.use_guidance_embed else None
+    mode = "embedded" if cfg.use_guidance_embed else "distilled"
+    sample(model, noise, ctx, num_steps=2, mode=mode, guidance=g)  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = sample(model, noise, ctx, num_steps=steps, mode=mode, guidance=g)
+    _sync(device)
+    total = time.perf_counter() - t0
+    finite = bool(torch.isfinite(out).all())
+    return {"total_s": total, "s_per_step": total / steps, "output_finite": finite,
+            "peak_mem_gib_rank": _peak_gib(device)}  # fmt: skip
+
+
+def run_plan(name: str, cfg, size: int, steps: int, info) -> dict | None:
+    sp, tp, attn = parse_plan(name)
+    if sp * tp not in (1, info.world_size):
+        raise ValueError(f"plan {name} needs {sp * tp} ranks, the job has {info.world_size}")
+    mesh = make_mesh(sp, tp) if sp * tp > 1 else None
+    res = {"plan": name, "sp": sp, "tp": tp, "attention": attn if sp > 1 else None, "gpus": sp * tp}
+    if mesh is not None or info.rank == 0:
+        res |= check(cfg, size, mesh, attn, info.device)
+        model = build(cfg, mesh, attn, info.device)
+        res |= timed(model, cfg, size, steps, info.device)
+        del model
+        if info.device.type == "cuda":
+            torch.cuda.empty_cache()
+    peak = _all_max(res.get("peak_mem_gib_rank", 0.0), info.device)
+    return res | {"peak_mem_gib_max_rank": peak} if info.rank == 0 else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="flux.2-dev")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "parallel.json"))
+    args = ap.parse_args(argv)
+    info = init_from_env()
+    cfg = get_preset(args.model).transformer
+    records = []
+    for size in args.sizes:
+        base = None
+        for name in args.plans:
+            res = run_plan(name, cfg, size, args.steps, info)
+            if dist.is_initialized():
+                dist.barrier()
+            if info.rank == 0:
+                base = res["s_per_step"] if name == "1" else base
+                res |= {"model": args.model, "size": size, "steps": args.steps, "world_size": info.world_size}
+                res |= {"speedup_vs_1gpu": base / res["s_per_step"]} if base else {}
+                print(json.dumps(res), flush=True)
+                records.append(res)
+    if info.rank == 0:
+        with open(args.out, "w") as f:
+            json.dump([r | run_info(info.device) for r in records], f, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_info(device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "card": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "nccl_env": nccl_env(),
+        "date": datetime.date.today().isoformat(), "impl": "fluxrt eager bf16 (SDPA local attention)",
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

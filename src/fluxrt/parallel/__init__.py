@@ -1,0 +1,37 @@
+"""torch.distributed plans for the flow transformer, applied to a built model from outside.
+
+    info = init_from_env()                      # torchrun's variables, or spawn(n, fn, ...)
+    mesh = make_mesh(sp=2, tp=2)                # 4 ranks: 2-way sequence x 2-way tensor parallel
+    model = parallelize(model, mesh, "ulysses") # apply_tensor_parallel over mesh.tp_group, then SequenceParallel
+
+* `SequenceParallel(model, group, attention="ulysses" | "ring")` (sp.py): tokens split over ranks, attention
+  communicates (Ulysses all-to-all, or ring K/V passing with online softmax). Exact: same function as one process.
+* `apply_tensor_parallel(model, group)` (tp.py): weights split by heads and MLP columns, all-reduce after the
+  row-sharded projections. Exact up to summation order.
+* launch.py: `init_from_env`, `spawn`, `make_mesh`, `nccl_env`. docs/PARALLEL.md has the commands.
+The model file knows none of this. Inference only.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .launch import DistInfo, Mesh, free_port, init_from_env, make_mesh, nccl_env, spawn
+from .sp import SequenceParallel, block_attention, ring_attention, ulysses_attention
+from .tp import RowParallelLinear, apply_tensor_parallel
+
+
+def parallelize(model: nn.Module, mesh: Mesh, attention: str = "ulysses", inner: str = "sdpa") -> nn.Module:
+    """Tensor parallel over mesh.tp_group (if tp > 1), then sequence parallel over mesh.sp_group (if sp > 1)."""
+    if mesh.tp > 1:
+        model = apply_tensor_parallel(model, mesh.tp_group)
+    if mesh.sp > 1:
+        model = SequenceParallel(model, mesh.sp_group, attention, inner)
+    return model
+
+
+__all__ = [
+    "DistInfo", "Mesh", "RowParallelLinear", "SequenceParallel", "apply_tensor_parallel", "block_attention",
+    "free_port", "init_from_env", "make_mesh", "nccl_env", "parallelize", "ring_attention", "spawn",
+    "ulysses_attention",
+]  # fmt: skip

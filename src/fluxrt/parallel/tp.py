@@ -1,0 +1,101 @@
+"""Tensor parallelism for the flow transformer: every block's weights split over the ranks of a group.
+
+`apply_tensor_parallel(model, group)` edits a built `Flux2` in place (weights sliced from the full ones) and
+returns it. Rank r of n keeps heads [r*h/n, (r+1)*h/n) and MLP columns [r*M/n, (r+1)*M/n):
+
+  double blocks   `*_attn.qkv`  column-sharded by heads: rows [q_r | k_r | v_r] of the fused [q | k | v]
+                  `*_attn.proj` row-sharded (its input columns of heads r), then all-reduce
+                  `*_mlp.0`     column-sharded keeping pairs aligned: rows [gate_r | up_r] of [gate | up]
+                  `*_mlp.2`     row-sharded (input columns r), then all-reduce
+  single blocks   `linear1`     rows [q_r | k_r | v_r | gate_r | up_r] of [q | k | v | gate | up]
+                  `linear2`     input columns [attn_r | mlp_r] of [attn (H) | mlp (M)], then all-reduce
+  replicated      QK-norm scales (per head_dim), modulations, embedders, final layer
+
+Module names and the checkpoint keys stay the same, so a later loader can fill the shards directly. Each block
+does two all-reduces (double: one per stream for attention and for the MLP, i.e. four; single: one). The sum of
+partial products equals the full matmul in exact arithmetic; in floating point it differs by summation order
+(fp32: ~1e-7 relative; bf16: each partial is rounded to bf16 before the all-reduce).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.transformer import DoubleStreamBlock, SelfAttention, SingleStreamBlock
+from .sp import check_divisible
+
+
+class RowParallelLinear(nn.Linear):
+    """Linear over an input-feature shard (weight (out, in/n)); the partial outputs are all-reduced (summed)."""
+
+    def __init__(self, weight: torch.Tensor, group):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (..., out) partial sum over this rank's input features
+        dist.all_reduce(y, group=self.group)
+        return y
+
+
+def shard_rows(w: torch.Tensor, blocks: list[int], rank: int, world: int) -> torch.Tensor:
+    """Split w's rows into consecutive blocks of the given sizes; keep shard `rank` of each block, concatenated."""
+    return torch.cat([b.chunk(world, dim=0)[rank] for b in w.split(blocks, dim=0)], dim=0)
+
+
+def shard_cols(w: torch.Tensor, blocks: list[int], rank: int, world: int) -> torch.Tensor:
+    """The same on the input columns (dim 1)."""
+    return shard_rows(w.t(), blocks, rank, world).t().contiguous()
+
+
+def _column_(lin: nn.Linear, blocks: list[int], rank: int, world: int) -> None:
+    """Replace lin's weight by its output-row shard (no communication needed)."""
+    lin.weight = nn.Parameter(shard_rows(lin.weight.data, blocks, rank, world), requires_grad=False)
+    lin.out_features = lin.weight.shape[0]
+
+
+def _row(lin: nn.Linear, blocks: list[int], rank: int, world: int, group) -> RowParallelLinear:
+    return RowParallelLinear(shard_cols(lin.weight.data, blocks, rank, world), group)
+
+
+def _shard_double(block: DoubleStreamBlock, h: int, m: int, rank: int, world: int, group) -> None:
+    for attn, mlp in ((block.img_attn, block.img_mlp), (block.txt_attn, block.txt_mlp)):
+        attn: SelfAttention
+        _column_(attn.qkv, [h, h, h], rank, world)  # [q | k | v] -> [q_r | k_r | v_r]
+        attn.proj = _row(attn.proj, [h], rank, world, group)
+        attn.heads //= world
+        _column_(mlp[0], [m, m], rank, world)  # [gate | up] -> [gate_r | up_r]
+        mlp[2] = _row(mlp[2], [m], rank, world, group)
+
+
+def _shard_single(block: SingleStreamBlock, h: int, m: int, rank: int, world: int, group) -> None:
+    _column_(block.linear1, [h, h, h, m, m], rank, world)  # -> [q_r | k_r | v_r | gate_r | up_r]
+    block.linear2 = _row(block.linear2, [h, m], rank, world, group)  # columns [attn_r | mlp_r]
+    block.heads //= world
+    block.hidden //= world  # the block splits linear1's output at 3*hidden, 2*mlp_hidden: local sizes now
+    block.mlp_hidden //= world
+
+
+def apply_tensor_parallel(model: nn.Module, group=None) -> nn.Module:
+    """Shard a built `Flux2` over `group` in place (see the module docstring); returns the model.
+
+    Raises ValueError when the group size does not divide num_heads or the MLP width.
+    """
+    group = group if group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    cfg = model.cfg
+    if getattr(model, "tensor_parallel", 1) != 1:
+        raise ValueError(f"model is already tensor-parallel over {model.tensor_parallel} ranks")
+    check_divisible(cfg.num_heads, world, "tensor parallelism: num_heads")
+    check_divisible(cfg.mlp_hidden, world, "tensor parallelism: MLP width")
+    h, m = cfg.hidden_size, cfg.mlp_hidden
+    for block in model.double_blocks:
+        _shard_double(block, h, m, rank, world, group)
+    for block in model.single_blocks:
+        _shard_single(block, h, m, rank, world, group)
+    model.tensor_parallel = world
+    return model

@@ -1,0 +1,161 @@
+"""Parallel plans compute the single-process function: Ulysses, ring, tensor parallel, SP x TP (CPU, gloo).
+
+Each multi-rank test forks 2 or 4 processes (`spawn(..., start_method="fork")`: milliseconds, no re-import) that
+build the same tiny fp32 model, compute the single-process output themselves, then the parallel one; the test gets
+the largest |difference| over all ranks. Token counts (7 text, 30 image, 12 reference) are not multiples of 2 or
+4, so the padding path always runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_flow
+
+from fluxrt.config import TINY
+from fluxrt.models.attention import attention
+from fluxrt.models.transformer import Flux2
+from fluxrt.parallel import SequenceParallel, apply_tensor_parallel, make_mesh, parallelize, spawn
+from fluxrt.parallel.sp import Layout, block_attention, merge_blocks, shard_tokens
+from fluxrt.parallel.tp import shard_cols, shard_rows
+from fluxrt.sampling.latents import grid_ids, pack, text_ids
+from fluxrt.sampling.run import sample
+
+TOL = 1e-5
+H, W, N_TXT = 5, 6, 7  # 30 image tokens, 7 text tokens
+
+
+def _inputs(refs: bool):
+    """Full inputs of one forward: image (+ a 3x4 reference at t = 10), text, t = 0.7, guidance 4."""
+    g = torch.Generator().manual_seed(3)
+    x, x_ids = torch.randn(1, H * W, 128, generator=g), grid_ids(H, W)[None]
+    if refs:
+        x = torch.cat([x, torch.randn(1, 12, 128, generator=g)], dim=1)
+        x_ids = torch.cat([x_ids, grid_ids(3, 4, t=10)[None]], dim=1)
+    ctx = torch.randn(1, N_TXT, TINY.transformer.context_in_dim, generator=g)
+    return x, x_ids, torch.full((1,), 0.7), ctx, text_ids(N_TXT)[None], torch.full((1,), 4.0)
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _plan(model, sp: int, tp: int, attn: str):
+    """One-dimensional plans over the default (world) group; a 2-D mesh of subgroups for SP x TP."""
+    if tp == 1:
+        return SequenceParallel(model, attention=attn)
+    if sp == 1:
+        return apply_tensor_parallel(model)
+    return parallelize(model, make_mesh(sp, tp), attn)
+
+
+def _forward_worker(sp: int, tp: int, attn: str, refs: bool) -> float:
+    torch.set_num_threads(1)  # forked children: no OpenMP pool after fork
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
+    with torch.no_grad():
+        ref = model(*inputs[:5], guidance=inputs[5])
+        out = _plan(model, sp, tp, attn)(*inputs[:5], guidance=inputs[5])
+    assert out.shape == ref.shape
+    return _max_over_ranks((out - ref).abs().max().item())
+
+
+def _sample_worker(sp: int, tp: int, attn: str) -> float:
+    torch.set_num_threads(1)
+    model, (_, _, _, ctx, _, _) = tiny_flow(guidance_embed=True), _inputs(False)
+    noise = torch.randn(1, 128, H, W, generator=torch.Generator().manual_seed(5))
+    ref_img = torch.randn(1, 128, 3, 4, generator=torch.Generator().manual_seed(6))
+    refs = dict(ref=pack(ref_img), ref_ids=grid_ids(3, 4, t=10)[None])
+    full = sample(model, noise, ctx, num_steps=2, guidance=4.0, **refs)
+    out = sample(parallelize(model, make_mesh(sp, tp), attn), noise, ctx, num_steps=2, guidance=4.0, **refs)
+    return _max_over_ranks((out - full).abs().max().item())
+
+
+def _errors_worker() -> list[str]:
+    """A 3-head model on 2 ranks: Ulysses and TP refuse with both numbers; ring runs exactly."""
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(TINY.transformer, hidden_size=48, num_heads=3)
+    msgs = []
+    for attn, tp in (("ulysses", 1), ("ring", 2)):
+        with pytest.raises(ValueError) as err:
+            parallelize(Flux2(cfg), make_mesh(2 // tp, tp), attn)
+        msgs.append(str(err.value))
+    torch.manual_seed(0)
+    model, inputs = Flux2(cfg).eval(), _inputs(False)
+    with torch.no_grad():
+        ref = model(*inputs[:5], guidance=inputs[5])
+        out = parallelize(model, make_mesh(2, 1), "ring")(*inputs[:5], guidance=inputs[5])
+    return msgs + [_max_over_ranks((out - ref).abs().max().item())]
+
+
+def _run(n: int, fn, *args):
+    return spawn(n, fn, *args, start_method="fork", timeout_s=120)
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])
+@pytest.mark.parametrize("sp,tp,attn", [(2, 1, "ulysses"), (2, 1, "ring"), (1, 2, "ulysses")])
+def test_two_ranks_equal_single_process(sp, tp, attn, refs):
+    assert _run(2, _forward_worker, sp, tp, attn, refs) < TOL
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])
+@pytest.mark.parametrize(
+    "sp,tp,attn", [(4, 1, "ulysses"), (4, 1, "ring"), (1, 4, "ulysses"), (2, 2, "ulysses"), (2, 2, "ring")]
+)
+def test_four_ranks_equal_single_process(sp, tp, attn, refs):
+    assert _run(4, _forward_worker, sp, tp, attn, refs) < TOL
+
+
+@pytest.mark.parametrize("n,sp,tp,attn", [(2, 2, 1, "ulysses"), (2, 2, 1, "ring"), (4, 2, 2, "ulysses")])
+def test_sampling_equals_single_process(n, sp, tp, attn):
+    assert _run(n, _sample_worker, sp, tp, attn) < TOL
+
+
+def test_heads_not_divisible_by_world_size():
+    ulysses, tp, ring_diff = _run(2, _errors_worker)
+    assert "heads per rank 3" in ulysses and "world size 2" in ulysses
+    assert "num_heads 3" in tp and "world size 2" in tp
+    assert ring_diff < TOL
+
+
+# ---- single-process pieces -------------------------------------------------------------------------------
+
+
+def test_layout_marks_padding():
+    lay = Layout(n_txt=7, n_img=30, world=4)  # pt 2 (pad 1), pi 8 (pad 2)
+    assert (lay.pt, lay.pi, lay.padded) == (2, 8, True)
+    assert [lay.valid(r) for r in range(4)] == [(2, 8), (2, 8), (2, 8), (1, 6)]
+    idx = lay.key_index("cpu")
+    assert len(idx) == 37 and 3 * 10 + 1 not in idx.tolist() and 3 * 10 + 2 + 6 not in idx.tolist()
+    x = torch.arange(7.0)[None, :, None]
+    assert torch.equal(torch.cat([shard_tokens(x, r, 4) for r in range(4)], 1)[:, :7], x)
+
+
+def test_online_softmax_blocks_equal_full_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(3))
+    out, lse = torch.zeros(2, 3, 9, 16), torch.full((2, 3, 9), -torch.inf)
+    for kb, vb in zip(k.split([4, 0, 5], 2), v.split([4, 0, 5], 2)):
+        if kb.shape[2]:
+            out, lse = merge_blocks(out, lse, *block_attention(q, kb, vb))
+    full = attention(q, k, v).unflatten(-1, (3, 16)).transpose(1, 2)
+    assert (out - full).abs().max() < 1e-6
+
+
+def test_shards_keep_fused_layout():
+    """Rank r's rows of [q | k | v | gate | up] are its heads of each part; columns of [attn | mlp] likewise."""
+    w = torch.arange(10.0)[:, None].expand(10, 3)  # blocks [2, 2, 2, 2, 2]
+    assert shard_rows(w, [2] * 5, 1, 2)[:, 0].tolist() == [1, 3, 5, 7, 9]
+    assert shard_cols(w.t(), [4, 6], 0, 2)[0].tolist() == [0, 1, 4, 5, 6]
+
+
+@pytest.mark.gpu
+def test_flash_block_attention_matches_fp32_math():
+    q, k, v = (torch.randn(1, 4, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, lse = block_attention(q, k, v)
+    ref_out, ref_lse = block_attention(q.float(), k.float(), v.float())
+    assert (out - ref_out).abs().max() < 2e-2 and (lse - ref_lse).abs().max() < 1e-2
