@@ -1,0 +1,262 @@
+"""The `fluxrt` command line: subcommands that build one request, validate it and call the pipeline.
+
+    fluxrt generate PROMPT [--ref IMG]... [--model M] [--seed N] [--steps N] [--guidance G] [--size WxH] ...
+    fluxrt info PATH_OR_REPO_ID
+    fluxrt models
+
+`main(argv) -> int` never raises for bad input: it prints one line `fluxrt: error: ...` on stderr and returns 2
+(1 for failures of the environment, e.g. a full disk). Written paths go to stdout, the progress bar to stderr.
+The request is validated against the model's spec (read from headers) before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import __version__
+from .config import PRESETS, ModelSpec
+from .outputs import format_for, is_folder, output_paths, read_metadata, save_image
+from .request import GenerationRequest, RequestError, validate
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+GENERATE_EXAMPLES = """\
+examples:
+  fluxrt generate "a red circle on a blue background"
+  fluxrt generate "a red circle" --seed 7 --steps 24 --size 256x256 --out circle.png
+  fluxrt generate "make the circle green" --ref circle.png --out green.webp
+  fluxrt generate "put them side by side" --ref a.png --ref b.png --ref c.png --match-image-size 0
+  fluxrt generate "a cat" --model flux.2-klein-4b --num-images 4 --out cats/
+  fluxrt generate --from outputs/7_0.png --out again.png      # reproduce an image from its metadata
+"""
+INFO_EXAMPLES = """\
+examples:
+  fluxrt info flux2-dev.safetensors
+  fluxrt info black-forest-labs/FLUX.2-klein-4B     # a repo id in the local Hugging Face cache
+  fluxrt info fluxrt-shapes                         # a preset name
+"""
+MODELS_EXAMPLES = """\
+examples:
+  fluxrt models
+  HF_HUB_CACHE=/data/hub fluxrt models
+"""
+
+
+class UsageError(Exception):
+    """argparse found bad syntax; main() turns it into one error line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage block and exit
+        raise UsageError(message)
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, sep, h = text.lower().partition("x")
+    try:
+        return (int(w), int(h)) if sep else (int(w), int(w))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use WIDTHxHEIGHT, e.g. 1024x768") from None
+
+
+def _device(text: str) -> str:
+    from .pipeline import parse_device
+
+    try:
+        return str(parse_device(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt and optional reference images",
+                       epilog=GENERATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("prompt", nargs="?", help="what to draw (optional with --from)")
+    p.add_argument("--ref", action="append", dest="refs", metavar="IMG", help="a reference image (repeat for more)")
+    p.add_argument("--model", help="preset name, local file/folder or cached repo id (default: fluxrt-shapes)")
+    p.add_argument("--preset", help="preset of a local checkpoint whose shapes fit several (klein / klein base)")
+    p.add_argument("--seed", type=int, help="random seed of the first image (default: random)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--negative", help="negative prompt (CFG models only)")
+    p.add_argument("--size", type=_size, metavar="WxH", help="output size in pixels, multiples of 16")
+    p.add_argument("--match-image-size", type=int, metavar="K", help="output size of reference K (0-based)")
+    p.add_argument("--num-images", type=int, default=1, metavar="N", help="images to generate (seeds N, N+1, ...)")
+    p.add_argument("--out", metavar="PATH", help="output file (or folder/); default outputs/<seed>_<n>.png")
+    p.add_argument("--format", choices=("png", "jpeg", "jpg", "webp"), help="image format (default: from --out)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--from", dest="from_image", metavar="IMAGE",
+                   help="reproduce IMAGE from its metadata (model, prompt, seed, steps, guidance, size, dtype; pass "
+                   "its references again with --ref); other flags override")  # fmt: skip
+    p.add_argument("--device", type=_device, help="device of every component (default: cuda if any, else cpu)")
+    p.add_argument("--text-encoder-device", type=_device, metavar="D", help="text encoder device (default: --device)")
+    p.add_argument("--ae-device", type=_device, metavar="D", help="autoencoder device (default: --device)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fluxrt", description="Run the FLUX.2 image models.")
+    parser.add_argument("--version", action="version", version=f"fluxrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _generate_parser(sub)
+    info = sub.add_parser("info", help="describe a checkpoint (headers only)", epilog=INFO_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    info.add_argument("source", metavar="PATH_OR_REPO_ID", help="a file, folder, cached repo id or preset name")
+    info.set_defaults(func=cmd_info)
+    models = sub.add_parser("models", help="list the model presets and whether their files are here",
+                            epilog=MODELS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- generate
+class Progress:
+    """A tqdm bar over denoising steps on stderr, created at the first step (the total is known then)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def request_from_args(args, record: dict) -> GenerationRequest:
+    """The request a `generate` command line asks for; flags override what `--from` read from an image."""
+    prompt = args.prompt if args.prompt is not None else record.get("prompt")
+    if prompt is None:
+        raise RequestError("a PROMPT is required (or --from IMAGE to reproduce an image)")
+    size = args.size
+    if size is None and args.match_image_size is None and record:
+        size = (record.get("width"), record.get("height"))
+    return GenerationRequest(
+        prompt=prompt, negative=args.negative if args.negative is not None else record.get("negative"),
+        width=size[0] if size else None, height=size[1] if size else None,
+        steps=args.steps if args.steps is not None else record.get("steps"),
+        guidance=args.guidance if args.guidance is not None else record.get("guidance"),
+        seed=args.seed if args.seed is not None else record.get("seed"), num_images=args.num_images,
+        refs=tuple(args.refs or ()), match_image_size=args.match_image_size,
+        model=args.model if args.model is not None else record.get("model"),
+        output_format=format_for(None if is_folder(args.out) else args.out, args.format),
+        expected_ref_hashes=[r["sha256"] for r in record.get("refs", [])] if record else None,
+    )  # fmt: skip
+
+
+def _load(ref, args, record: dict):
+    from .pipeline import Pipeline
+
+    dtype_name = args.dtype or DTYPE_NAMES.get(record.get("dtype", ""))  # --from keeps the dtype it was made in
+    return Pipeline.load(ref, device=args.device, text_encoder_device=args.text_encoder_device,
+                         ae_device=args.ae_device, dtype=DTYPES[dtype_name] if dtype_name else None)  # fmt: skip
+
+
+def cmd_generate(args) -> int:
+    from .pipeline import resolve_model
+
+    record = read_metadata(args.from_image) if args.from_image else {}
+    request = request_from_args(args, record)
+    preset = args.preset if args.preset or args.model else record.get("spec")  # --from: the spec it was made with
+    ref = resolve_model(request.model, preset)
+    valid = validate(request, ref.spec)
+    paths = output_paths(args.out, [s.seed for s in valid.samples], valid.output_format)
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise RequestError(f"output {existing[0]!r} already exists (pass --overwrite to replace it)")
+    pipe = _load(ref, args, record)
+    progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        results = pipe.run(valid, on_step=progress)
+    finally:
+        progress.close()
+    for result, path in zip(results, paths):
+        print(save_image(result.image, path, result.record, valid.output_format, args.overwrite), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- info, models
+def cmd_info(args) -> int:
+    from .loading.info import describe
+    from .pipeline import EMBEDDED, embedded_model_path
+
+    source = args.source
+    spec = PRESETS.get(source)
+    if source == EMBEDDED:
+        source = embedded_model_path()
+    elif spec is not None:
+        if spec.repo_id is None:
+            raise RequestError(f"preset {args.source!r} has no files to describe (random weights, tests only)")
+        source = spec.repo_id
+    print(describe(source))
+    return 0
+
+
+def _local_status(spec: ModelSpec) -> str:
+    from .loading.errors import CheckpointError
+    from .loading.hub import snapshot_path
+    from .pipeline import EMBEDDED, embedded_model_path
+
+    if spec.name == EMBEDDED:
+        return f"embedded ({embedded_model_path()})"
+    if spec.repo_id is None:
+        return "no files (random weights, tests only)"
+    try:
+        snap = snapshot_path(spec.repo_id)
+    except CheckpointError:
+        return f"not downloaded ({spec.repo_id})"
+    if spec.flow_file and not (snap / spec.flow_file).is_file():
+        return f"incomplete: {spec.flow_file} missing in {snap}"
+    return f"found ({snap})"
+
+
+def cmd_models(args) -> int:
+    from .loading.hub import hub_cache_dir
+
+    print(f"hub cache: {hub_cache_dir()}")
+    for spec in PRESETS.values():
+        fixed = " (fixed)" if spec.fixed_steps_guidance else ""
+        w, h = spec.default_size
+        print(f"{spec.name:22} {spec.guidance_mode:9} steps {spec.default_steps:<3} guidance "
+              f"{spec.default_guidance:<4g}{fixed:8} size {w}x{h:<5} {_local_status(spec)}")  # fmt: skip
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- main
+def _error(message: str, code: int) -> int:
+    one_line = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"fluxrt: error: {one_line}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 2 bad input, 1 other failure, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
+    except UsageError as e:
+        return _error(str(e), 2)
+    except ValueError as e:  # RequestError, CheckpointError, MetadataError: bad input
+        return _error(str(e), 2)
+    except ImportError as e:
+        return _error(f"{e} (install the text extra: pip install 'fluxrt[text]')", 1)
+    except OSError as e:
+        return _error(str(e), 1)
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
