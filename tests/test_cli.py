@@ -22,6 +22,7 @@ import fluxrt.outputs as outputs
 from fluxrt.outputs import read_exif_tags, read_metadata
 from fluxrt.pipeline import Sample
 from fluxrt.request import image_sha256
+from fluxrt.safety import watermark
 
 FAST = ["--size", "64x64", "--steps", "2", "--quiet"]
 
@@ -251,7 +252,15 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.stdout.strip() == str(out) and read_metadata(out)["seed"] == 4
     # the real load gives the same pixels as the shared in-process pipeline
     same = embedded_pipeline().generate([Sample("a red circle", 4)], 64, 64, 2, 4.0)[0]
-    assert np.array_equal(pixels(out), np.asarray(same))
+    assert np.array_equal(pixels(out), np.asarray(watermark.embed(same)))  # the CLI watermarks every output
+
+
+def test_outputs_carry_the_invisible_watermark(tmp_path):
+    out = tmp_path / "wm.png"
+    assert cli.main(["generate", "a blue square", "--seed", "1", "--out", str(out), "--size", "128x128",
+                     "--steps", "2", "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    found, accuracy = watermark.detect(Image.open(out))
+    assert found and accuracy > 0.9
 
 
 def test_progress_bar_only_on_a_terminal(run, tmp_path, monkeypatch):
@@ -264,3 +273,22 @@ def test_progress_bar_only_on_a_terminal(run, tmp_path, monkeypatch):
     assert code == 0 and "denoising" in err and "/2 [" in err  # a bar over 2 steps, with time estimates
     code, _, err = run("generate", "a red circle", "--seed", 1, "--out", tmp_path / "c.png", *FAST)
     assert code == 0 and err == ""  # --quiet
+
+
+def test_flagged_output_is_neither_saved_nor_returned(tmp_path, monkeypatch, capsys):
+    import fluxrt.safety.nsfw as nsfw
+    from fluxrt.safety import SafetyPolicy
+
+    class Flagging:  # a planted positive: every image scores above the threshold
+        def __init__(self, threshold=0.85, backend="auto"):
+            self.threshold = threshold
+
+        def score(self, img):
+            return 0.99
+
+    monkeypatch.setattr(nsfw, "NSFWChecker", Flagging)
+    monkeypatch.setattr(SafetyPolicy, "default_for", classmethod(lambda cls, name: cls(ip_check=False, c2pa=False)))
+    out = tmp_path / "flagged.png"
+    code = cli.main(["generate", "a red circle", "--seed", "2", "--out", str(out), *FAST, "--device", "cpu"])
+    assert code == 3 and not out.exists()
+    assert "NSFW classifier score 0.990 > 0.85" in capsys.readouterr().err

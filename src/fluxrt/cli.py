@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import __version__
-from .config import PRESETS, ModelSpec
+from .config import MISTRAL_SMALL, PRESETS, ModelSpec
 from .outputs import format_for, is_folder, output_paths, read_metadata, save_image
 from .request import GenerationRequest, RequestError, validate
 
@@ -98,6 +98,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--ae-device", type=_device, metavar="D", help="autoencoder device (default: --device)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--safety", choices=("default", "filters-off"), default="default",
+                   help="default: the model's safety policy (dev: NSFW + copyright/public-figure filters, watermark, "
+                   "C2PA when $FLUXRT_C2PA_CERT/KEY are set); filters-off: no content filters (your licence may "
+                   "then require manual review); the invisible watermark and AI tags stay on")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
 
@@ -179,14 +183,45 @@ def cmd_generate(args) -> int:
     if existing and not args.overwrite:
         raise RequestError(f"output {existing[0]!r} already exists (pass --overwrite to replace it)")
     pipe = _load(ref, args, record)
+    guard = _safety_guard(ref.spec, args.safety)
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         results = pipe.run(valid, on_step=progress)
     finally:
         progress.close()
+    blocked = 0
     for result, path in zip(results, paths):
-        print(save_image(result.image, path, result.record, valid.output_format, args.overwrite), flush=True)
-    return 0
+        image, decision = guard.finalize(result.image, result.record)
+        if image is None:  # a flagged output is neither returned nor saved
+            blocked += 1
+            print(f"fluxrt: output not saved: {decision.reason}", file=sys.stderr)
+            continue
+        print(save_image(image, path, result.record, valid.output_format, args.overwrite), flush=True)
+    return 3 if blocked else 0
+
+
+def _safety_guard(spec: ModelSpec, mode: str):
+    """The SafetyGuard of the model's default policy (fluxrt.safety); `filters-off` keeps watermark and tags only."""
+    from .safety import SafetyGuard, SafetyPolicy
+
+    policy = SafetyPolicy.default_for(spec.name if spec.name.startswith(("flux.2", "fluxrt")) else "flux.2-dev")
+    if mode == "filters-off":
+        policy = policy.replace(nsfw=False, ip_check=False)
+    # C2PA signing is not yet part of the CLI's save path (fluxrt.safety.provenance.sign does it from Python).
+    policy = policy.replace(c2pa=False, c2pa_cert=None, c2pa_key=None)
+    content_filter = None
+    if policy.ip_check:
+        from .safety.ip_check import load_content_filter
+
+        try:
+            content_filter = load_content_filter(MISTRAL_SMALL.repo_id)
+        except Exception as e:  # no local chat model: say what is missing and how to proceed
+            raise RequestError(f"the copyright/public-figure filter needs {MISTRAL_SMALL.repo_id} in the local "
+                               f"Hugging Face cache ({e}); or pass --safety filters-off") from None  # fmt: skip
+    try:
+        return SafetyGuard(policy, content_filter=content_filter)
+    except (ValueError, ImportError) as e:
+        raise RequestError(f"safety policy of {spec.name}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------- info, models
