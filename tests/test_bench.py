@@ -1,0 +1,117 @@
+"""The GPU benchmarks' logic, run on the CPU with --dry-run (tiny preset, tiny sizes, fp32).
+
+What the dry run can check here: every implementation produces a row, ours and diffusers' builds get identical
+weights (their fp32 outputs agree to rounding), compiled rows equal eager, fp8 rows carry a measured error, the
+JSON is written, diffusers' rows are skipped with a message when it is missing, and the end-to-end skeleton
+(random Mistral3 text encoder, sampler, VAE) runs and builds its text encoder correctly on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import common
+import e2e
+import transformer_step
+
+
+@pytest.fixture(autouse=True)
+def _restore_dynamo_config(monkeypatch):
+    """The benchmarks raise dynamo's recompile limits process-wide; put them back for the other tests."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # fmt: skip
+        if hasattr(cfg, name):
+            monkeypatch.setattr(cfg, name, getattr(cfg, name))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_transformer_step_dry_run(tmp_path):
+    out = tmp_path / "step.json"
+    argv = ["--dry-run", "--cases", "tiny:64:1", "--compile-backend", "eager", "--out", str(out)]  # dynamo only
+    result = transformer_step.main(argv)
+    saved = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in saved["rows"]}
+    assert set(rows) == set(transformer_step.IMPLS) and len(result["rows"]) == len(saved["rows"])
+    assert "skipped" in rows["cudagraph"]["error"]  # CUDA graphs: GPU only
+    timed = [r for r in rows.values() if "s_per_step" in r]
+    assert all(r["s_per_step"] > 0 and r["tflops"] > 0 and r["n_img_tokens"] == 32 for r in timed)
+    assert saved["ceilings"]["bf16_tflops"] > 0 and saved["env"]["device"] == "cpu"
+    if common.diffusers_available():
+        assert len(timed) == 6 and rows["eager"]["rel_l2_vs_diffusers"] <= 1e-5  # same weights, fp32
+        assert rows["diffusers-compiled"]["ratio_vs_diffusers_compiled"] == 1.0
+        assert rows["compiled"]["rel_l2_vs_diffusers"] <= 1e-5
+    assert rows["compiled"]["rel_l2_vs_eager"] <= 1e-5
+    assert 0.005 < rows["fp8"]["rel_l2_vs_eager"] < 0.06  # fp8 really quantizes, and stays near e4m3's floor
+    assert rows["fp8-compiled"]["rel_l2_vs_eager"] == pytest.approx(rows["fp8"]["rel_l2_vs_eager"], rel=1e-3)
+
+
+def test_diffusers_rows_are_skipped_without_diffusers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(transformer_step, "diffusers_available", lambda: None)
+    result = transformer_step.main(["--dry-run", "--cases", "tiny:64:0", "--impls", "eager,diffusers"])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert "s_per_step" in rows["eager"] and "not installed" in rows["diffusers"]["error"]
+    assert "diffusers is not installed" in capsys.readouterr().out
+
+
+def test_case_order_and_parsing():
+    args = transformer_step.parse_args(["--models", "flux.2-klein-4b", "--sizes", "512,1024,2048", "--refs", "0,4"])
+    cases = transformer_step.parse_cases(args)
+    assert cases[:3] == [("flux.2-klein-4b", 1024, 0), ("flux.2-klein-4b", 512, 0), ("flux.2-klein-4b", 2048, 0)]
+    assert len(cases) == 6
+    with pytest.raises(SystemExit):
+        transformer_step.parse_args(["--impls", "eager,tensorrt"])
+
+
+def test_seeded_weights_do_not_depend_on_build_order():
+    from fluxrt.config import get_preset
+
+    cfg = get_preset("tiny").transformer
+    a = common.random_flux2(cfg, torch.device("cpu"), torch.float32, seed=3)
+    b = common.random_flux2(cfg, torch.device("cpu"), torch.float32, seed=3)
+    c = common.random_flux2(cfg, torch.device("cpu"), torch.float32, seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["single_blocks.0.linear1.weight"], sc["single_blocks.0.linear1.weight"])
+    w = sa["double_blocks.1.img_mlp.0.weight"]
+    assert abs(w.std().item() * w.shape[1] ** 0.5 - 1) < 0.05  # std 1/sqrt(fan_in)
+
+
+def test_e2e_dry_run(tmp_path):
+    out = tmp_path / "e2e.json"
+    report = e2e.main(["--dry-run", "--out", str(out)])
+    assert json.loads(out.read_text())["total_s"] == pytest.approx(report["total_s"])
+    assert set(report["stages"]) == {"text_encoder", "denoise", "vae_decode"}
+    assert report["image_shape"] == [1, 3, 64, 64] and report["image_finite"]
+    assert report["stages"]["denoise"]["s_per_step"] > 0
+
+
+@torch.no_grad()
+def test_meta_built_text_encoder_equals_a_plain_build():
+    """Built on meta then materialised: the RoPE buffers must be recomputed, or every feature is wrong."""
+    from transformers import MistralModel
+
+    te = e2e.random_text_encoder(e2e.TINY_TE, e2e.TINY_MISTRAL_TEXT, torch.device("cpu"), torch.float32)
+    plain = MistralModel(e2e.mistral_text_config(e2e.TINY_MISTRAL_TEXT, 3)).eval()
+    plain.load_state_dict(te.decoder.state_dict(), strict=False)  # its final norm is the only extra
+    plain.norm = torch.nn.Identity()
+    ids, mask = e2e.prompt_batch(e2e.TINY_TE, e2e.TINY_MISTRAL_TEXT["vocab_size"], 10, "cpu")
+    states = plain(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    feats = te(ids, mask)
+    assert feats.shape == (1, 32, 48) and feats.std() > 0.1
+    assert torch.equal(feats, torch.cat([states[k] for k in (1, 2, 3)], -1))
+
+
+def test_real_text_encoder_sizes_are_the_assumed_ones():
+    text = e2e.mistral_text_config(e2e.MISTRAL_SMALL_TEXT, 30)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        5120, 30, 32, 8)  # fmt: skip
+    assert (text.head_dim, text.intermediate_size, text.vocab_size) == (128, 32768, 131072)

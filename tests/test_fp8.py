@@ -1,0 +1,204 @@
+"""fluxrt.quant.fp8: rowwise e4m3 rounding bounds, the Fp8Linear oracle, and the quantized tiny transformer.
+
+Measured on a CPU (torch 2.13, fp32 reference path): one W8A8 matmul on Gaussian data is off by 3.7% (relative
+L2), weight-only rounding by 2.6%, which is e4m3's 3 mantissa bits, not the code. The tiny preset with the
+benchmark's random init (std 1/sqrt(fan_in), norm scales 1) gives velocity errors of 3.0-3.6% over t = 0.1, 0.5,
+0.9 (2.1% at t = 0.6); the bounds below leave a margin over those numbers. Full-depth klein-4B with the same init
+(64 image + 32 text tokens, measured once, not a test) gives 4.1-4.3%: above the issue's 3% target, which W8A8
+e4m3 on every block Linear does not reach on random weights (keeping every down/out projection in bf16 still
+gives 3.3-3.5%).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fluxrt.config import get_preset
+from fluxrt.models.transformer import Flux2
+from fluxrt.quant.fp8 import (
+    DEFAULT_SKIP,
+    E4M3,
+    E4M3_MAX,
+    Fp8Linear,
+    dequantize_rowwise,
+    fp8_linears,
+    fp8_matmul_reference,
+    fp8_matmul_scaled_mm,
+    quantize_rowwise,
+    quantize_transformer,
+)  # fmt: skip
+from fluxrt.sampling.latents import grid_ids, text_ids
+
+HALF_ULP = 2.0**-4  # e4m3: 3 mantissa bits, spacing 2^-3 relative to the leading bit, round to nearest
+SUBNORMAL_HALF_STEP = 2.0**-10  # smallest e4m3 spacing is 2^-9 (below 2^-6), in units of the row scale
+MATMUL_REL_L2 = 0.045  # one W8A8 product vs fp32 (measured 0.037)
+VELOCITY_REL_L2 = 0.045  # tiny-preset velocity vs the unquantized model (measured 0.036 / 0.035)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def wide_rows(seed: int = 0) -> torch.Tensor:
+    """(64, 256) values spanning ~12 orders of magnitude per row, random signs, one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 256, generator=g) * torch.exp(torch.empty(64, 256).uniform_(-14, 14, generator=g))
+    x *= torch.exp(torch.empty(64, 1).uniform_(-20, 20, generator=g))  # per-row scale
+    x[7] = 0
+    return x
+
+
+def test_e4m3_format_facts():
+    assert E4M3_MAX == 448.0 and torch.finfo(E4M3).eps == 2 * HALF_ULP
+    assert torch.finfo(E4M3).smallest_normal == 2.0**-6
+
+
+def test_round_trip_error_bound_is_tight():
+    x = wide_rows()
+    q, scale = quantize_rowwise(x)
+    assert q.dtype == E4M3 and q.shape == x.shape and scale.shape == (64,) and scale.dtype == torch.float32
+    back = dequantize_rowwise(q, scale)
+    err = (back - x).abs()
+    bound = torch.maximum(HALF_ULP * x.abs(), SUBNORMAL_HALF_STEP * scale[:, None]) * (1 + 1e-6)
+    assert torch.isfinite(back).all() and (err <= bound).all()
+    normal = x.abs() >= 2.0**-6 * scale[:, None]
+    rel = err[normal] / x.abs()[normal]
+    print(f"e4m3 round trip: max rel error {rel.max():.4f} (bound {HALF_ULP}), rms {rel.pow(2).mean().sqrt():.4f}")
+    assert rel.max() > 0.9 * HALF_ULP  # the bound is reached: it is the real one, not a loose one
+    amax_pos = x.abs().argmax(-1, keepdim=True)
+    assert (q.float().abs().gather(-1, amax_pos)[torch.arange(64) != 7] == E4M3_MAX).all()  # amax lands on 448
+    assert (q[7].float() == 0).all() and (back[7] == 0).all()
+
+
+def test_fp8_linear_reference_vs_fp32_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(512, 384, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(384, 512, generator=g) / 512**0.5)
+    x = torch.randn(3, 50, 512, generator=g)
+    q = Fp8Linear.from_linear(lin)
+    assert q.impl == "reference" and q.weight.dtype == E4M3 and q.weight_scale.shape == (384,)
+    y, yq = lin(x), q(x)
+    rel = ((yq - y).norm() / y.norm()).item()
+    print(f"Fp8Linear (reference) vs fp32 Linear: rel L2 {rel:.4f}")
+    assert yq.shape == y.shape == (3, 50, 384) and yq.dtype == x.dtype
+    assert 0.01 < rel < MATMUL_REL_L2  # it does quantize, and no worse than e4m3 must be
+
+
+def test_fp8_linear_rejects_bad_dims_and_impls():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Fp8Linear.from_linear(nn.Linear(24, 32, bias=False))
+    with pytest.raises(ValueError, match="impl"):
+        Fp8Linear(32, 32, impl="cublas")
+    with pytest.raises(ValueError, match="unknown fp8 impl"):
+        quantize_transformer(nn.Sequential(nn.Linear(32, 32)), impl="fast")
+
+
+def bench_init_flux2(name: str = "tiny", seed: int = 0) -> Flux2:
+    """The benchmark's random init: matrices normal(0, 1/fan_in), norm scales 1 (fp32, CPU)."""
+    model = Flux2(get_preset(name).transformer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    return model.eval()
+
+
+def tiny_inputs(cfg, refs: int, times=(0.1, 0.5, 0.9), side: int = 8, n_txt: int = 16, seed: int = 1):
+    """One sample per time t (the error depends on t through the modulations), same image and text."""
+    g, b = torch.Generator().manual_seed(seed), len(times)
+    ids = torch.cat([grid_ids(side, side)] + [grid_ids(side, side, 10 * (i + 1)) for i in range(refs)])[None]
+    x = torch.randn(1, ids.shape[1], cfg.in_channels, generator=g).expand(b, -1, -1)
+    ctx = torch.randn(1, n_txt, cfg.context_in_dim, generator=g).expand(b, -1, -1)
+    return x, ids, torch.tensor(times), ctx, text_ids(n_txt)[None], torch.full((b,), 4.0)
+
+
+@pytest.mark.parametrize("refs", [0, 1])
+@torch.no_grad()
+def test_quantized_tiny_transformer_velocity_error(refs):
+    model = bench_init_flux2()
+    inp = tiny_inputs(model.cfg, refs)
+    exact = model(*inp)
+    quant = quantize_transformer(copy.deepcopy(model))
+    v = quant(*inp)
+    rel = ((v - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).tolist()  # per sample (per t)
+    print(f"tiny preset fp8 velocity rel L2 (refs={refs}) at t=0.1, 0.5, 0.9: {', '.join(f'{r:.4f}' for r in rel)}")
+    assert 0.005 < min(rel) and max(rel) < VELOCITY_REL_L2
+    names = fp8_linears(quant)
+    assert len(names) == 2 * 8 + 2 * 2  # double blocks: 2 streams x (qkv, proj, mlp.0, mlp.2); single: linear1, 2
+    assert all(n.startswith(("double_blocks.", "single_blocks.")) for n in names)
+    kept = [n for n, m in quant.named_modules() if type(m) is nn.Linear]
+    assert kept and all(n.split(".")[0] in DEFAULT_SKIP for n in kept)
+    assert {n.split(".")[0] for n in kept} == set(DEFAULT_SKIP)  # every sensitive layer stays bf16/fp32
+    assert isinstance(quant.final_layer.adaLN_modulation[1], nn.Linear)
+
+
+@torch.no_grad()
+def test_custom_skip_keeps_more_layers():
+    quant = quantize_transformer(bench_init_flux2(), skip=(*DEFAULT_SKIP, "single_blocks"))
+    assert all(n.startswith("double_blocks.") for n in fp8_linears(quant))
+    assert type(quant.single_blocks[1].linear2) is nn.Linear
+
+
+@torch.no_grad()
+def test_dtype_casts_leave_quantized_storage_alone():
+    model = quantize_transformer(bench_init_flux2())
+    layer = model.double_blocks[0].img_attn.qkv
+    w, s = layer.weight.clone(), layer.weight_scale.clone()
+    model.to(torch.bfloat16)  # the usual "run in bf16" cast must not touch the fp8 weights or fp32 scales
+    assert layer.weight.dtype == E4M3 and layer.weight_scale.dtype == torch.float32
+    assert torch.equal(layer.weight.view(torch.uint8), w.view(torch.uint8)) and torch.equal(layer.weight_scale, s)
+    assert model.img_in.weight.dtype == torch.bfloat16 and layer.impl == "reference"  # "auto" on a CPU
+    inp = list(tiny_inputs(model.cfg, refs=0))
+    inp[0], inp[3] = inp[0].bfloat16(), inp[3].bfloat16()
+    v = model(*inp)
+    assert v.dtype == torch.bfloat16 and torch.isfinite(v).all()
+
+
+def _scaled_mm_vs_reference(device, m: int, k: int, n: int, fast_accum: bool) -> float:
+    g = torch.Generator(device=device).manual_seed(m + k + n)
+    x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
+    w_q, w_scale = quantize_rowwise(torch.randn(n, k, device=device, generator=g) / k**0.5)
+    ref = fp8_matmul_reference(x, w_q, w_scale)
+    out = fp8_matmul_scaled_mm(x, w_q, w_scale, fast_accum)
+    assert out.shape == (m, n) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_scaled_mm_call_on_cpu_if_this_torch_has_it():
+    """The exact `_scaled_mm` call of the GPU path; torch 2.13's CPU build implements rowwise scales too."""
+    try:
+        rel = _scaled_mm_vs_reference(torch.device("cpu"), 48, 64, 32, fast_accum=False)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"this torch build has no CPU _scaled_mm with rowwise scales: {e}")
+    print(f"CPU _scaled_mm vs reference: rel L2 {rel:.2e}")
+    assert rel < 1e-2  # both bf16 out: rounding only
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_gpu_scaled_mm_matches_reference(fast_accum):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 tensor cores need compute capability 8.9+")
+    dev = torch.device("cuda")
+    for m, k, n in ((4608, 3072, 9216), (300, 6144, 18432), (17, 64, 48)):  # incl. M not a multiple of 16 / 256
+        rel = _scaled_mm_vs_reference(dev, m, k, n, fast_accum)
+        print(f"_scaled_mm vs reference {m}x{k}x{n} fast_accum={fast_accum}: rel L2 {rel:.2e}")
+        assert rel < 1e-2  # bf16 output rounding (~2e-3) plus accumulation order
+
+
+@pytest.mark.gpu
+@needs_cuda
+@torch.no_grad()
+def test_gpu_quantized_transformer_scaled_mm_equals_reference_path():
+    model = bench_init_flux2().cuda().to(torch.bfloat16)
+    inp = [t.cuda() for t in tiny_inputs(model.cfg, refs=1)]
+    inp[0], inp[3] = inp[0].bfloat16(), inp[3].bfloat16()
+    fast = quantize_transformer(copy.deepcopy(model))
+    assert fast.single_blocks[0].linear1.impl == "scaled_mm"
+    slow = quantize_transformer(copy.deepcopy(model), impl="reference")
+    a, b, exact = fast(*inp).float(), slow(*inp).float(), model(*inp).float()
+    assert (a - b).norm() / b.norm() < 1e-2
+    assert (a - exact).norm() / exact.norm() < VELOCITY_REL_L2 + 0.01  # bf16 rounding on top of fp8
