@@ -288,3 +288,22 @@ class Budget:
 
     def deadline_for_share(self, parts: int) -> float:
         return time.monotonic() + self.left() / max(parts, 1)
+
+
+def run_main(run, args):
+    """Call `run(args)`; a dry run uses one CPU thread (tiny ops: far faster on a busy CPU, no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    if args.dry_run:
+        torch.set_num_threads(1)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench_device(args) -> tuple[torch.device, torch.dtype]:
+    """(cpu, fp32) for a dry run, else (cuda, bf16); exits with a message when there is no GPU."""
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU: run on a GPU machine, or use --dry-run")
+    return device, (torch.float32 if args.dry_run else torch.bfloat16)

@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
+from common import (  # noqa: E402
+    bench_device,
+    run_main,
     Budget,
     compare,
     diffusers_available,
@@ -301,21 +303,11 @@ def print_table(rows) -> None:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.dry_run:  # tiny ops: one thread is faster, and far faster on a busy CPU (no OpenMP spin-waits)
-        torch.set_num_threads(1)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return run_main(_run, parse_args(argv))
 
 
 def _run(args):
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    dtype = torch.float32 if args.dry_run else torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU: run on a GPU machine, or use --dry-run")
+    device, dtype = bench_device(args)
     dynamo_limits()
     budget = Budget(args.time_budget_s)
     env = environment(device)
