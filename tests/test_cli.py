@@ -292,3 +292,31 @@ def test_flagged_output_is_neither_saved_nor_returned(tmp_path, monkeypatch, cap
     code = cli.main(["generate", "a red circle", "--seed", "2", "--out", str(out), *FAST, "--device", "cpu"])
     assert code == 3 and not out.exists()
     assert "NSFW classifier score 0.990 > 0.85" in capsys.readouterr().err
+
+
+def test_c2pa_signed_output_verifies_and_tampering_is_caught(tmp_path, capsys):
+    import json
+
+    from fluxrt.safety.provenance import make_test_ca, verify
+
+    chain, key = make_test_ca(tmp_path / "ca")
+    src, out = tmp_path / "src.png", tmp_path / "signed.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    args = ["generate", "make it blue", "--ref", str(src), "--seed", "5", "--out", str(out), *FAST, "--device", "cpu",
+            "--c2pa-cert", str(chain), "--c2pa-key", str(key)]  # fmt: skip
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(["verify", str(out), "--trust", str(tmp_path / "ca" / "ca.pem")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["c2pa"]["trusted"] and report["c2pa"]["model"] == "fluxrt-shapes"
+    assert len(report["c2pa"]["ingredients"]) == 1 and report["fluxrt"]["seed"] == 5
+    data = bytearray(out.read_bytes())  # flip bytes inside the image data, keep the manifest
+    idat = data.index(b"IDAT") + 40
+    data[idat : idat + 8] = bytes(8)
+    (tmp_path / "tampered.png").write_bytes(bytes(data))
+    assert not verify(tmp_path / "tampered.png", tmp_path / "ca" / "ca.pem")["valid"]
+
+
+def test_c2pa_needs_both_files_and_a_supported_format(tmp_path, capsys):
+    code = cli.main(["generate", "x", "--out", str(tmp_path / "a.png"), *FAST, "--c2pa-cert", "c.pem"])
+    assert code == 2 and "--c2pa-key" in capsys.readouterr().err

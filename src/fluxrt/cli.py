@@ -15,10 +15,11 @@ import argparse
 import sys
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .config import MISTRAL_SMALL, PRESETS, ModelSpec
-from .outputs import format_for, is_folder, output_paths, read_metadata, save_image
+from .outputs import format_for, is_folder, output_paths, read_exif_tags, read_metadata, save_image
 from .request import GenerationRequest, RequestError, validate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -102,6 +103,9 @@ def _generate_parser(sub) -> None:
                    help="default: the model's safety policy (dev: NSFW + copyright/public-figure filters, watermark, "
                    "C2PA when $FLUXRT_C2PA_CERT/KEY are set); filters-off: no content filters (your licence may "
                    "then require manual review); the invisible watermark and AI tags stay on")  # fmt: skip
+    p.add_argument("--c2pa-cert", metavar="PEM", help="sign outputs with a C2PA manifest: certificate chain, leaf "
+                   "first (default $FLUXRT_C2PA_CERT); PNG and JPEG")  # fmt: skip
+    p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -117,7 +121,35 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model presets and whether their files are here",
                             epilog=MODELS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     models.set_defaults(func=cmd_models)
+    verify = sub.add_parser("verify", help="check an image for the fluxrt watermark, a C2PA manifest and AI tags",
+                            epilog="example:\n  fluxrt verify outputs/0_0.png --trust ca.pem",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    verify.add_argument("image", metavar="IMAGE")
+    verify.add_argument("--trust", metavar="PEM", help="extra C2PA trust anchor (root certificate)")
+    verify.set_defaults(func=cmd_verify)
     return parser
+
+
+def cmd_verify(args) -> int:
+    """Print the watermark, C2PA and metadata findings; exit 0 if a watermark or a valid manifest was found."""
+    import json
+    from pathlib import Path
+
+    from .safety import provenance, watermark
+
+    path = Path(args.image)
+    if not path.is_file():
+        raise RequestError(f"no such image file: {str(path)!r}")
+    try:
+        with Image.open(path) as im:
+            found, accuracy = watermark.detect(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise RequestError(f"cannot read {str(path)!r} as an image: {e}") from None
+    c2pa = provenance.verify(path, args.trust)
+    report = {"watermark": {"found": found, "bit_accuracy": round(accuracy, 3)}, "c2pa": c2pa,
+              "exif": read_exif_tags(path), "fluxrt": read_metadata(path) if path.suffix else {}}  # fmt: skip
+    print(json.dumps(report, indent=1, default=str))
+    return 0 if found or c2pa["valid"] else 1
 
 
 # ----------------------------------------------------------------------------------------------- generate
@@ -196,8 +228,30 @@ def cmd_generate(args) -> int:
             blocked += 1
             print(f"fluxrt: output not saved: {decision.reason}", file=sys.stderr)
             continue
-        print(save_image(image, path, result.record, valid.output_format, args.overwrite), flush=True)
+        sign = _c2pa_signer(args, result.record, valid)
+        print(save_image(image, path, result.record, valid.output_format, args.overwrite, sign), flush=True)
     return 3 if blocked else 0
+
+
+def _c2pa_signer(args, record: dict, valid):
+    """A `sign(bytes, fmt)` that embeds a C2PA manifest (AI-generated, the model, references as ingredients)."""
+    import os
+
+    cert, key = args.c2pa_cert or os.environ.get("FLUXRT_C2PA_CERT"), args.c2pa_key or os.environ.get("FLUXRT_C2PA_KEY")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise RequestError("C2PA signing needs both --c2pa-cert and --c2pa-key (or $FLUXRT_C2PA_CERT and _KEY)")
+    if valid.output_format not in ("png", "jpeg"):
+        raise RequestError(f"C2PA signing supports png and jpeg, not {valid.output_format!r}")
+    from pathlib import Path
+
+    from .safety import provenance
+
+    refs = tuple(im for s in valid.samples[:1] for im in s.refs)
+    info = provenance.ManifestInfo(str(record.get("model", "unknown model")), ingredients=refs)
+    signer = provenance.SignerFiles(Path(cert), Path(key))
+    return lambda data, fmt: provenance.sign(data, fmt, info, signer)
 
 
 def _safety_guard(spec: ModelSpec, mode: str):

@@ -20,6 +20,7 @@ Metadata, in every format:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -138,10 +139,18 @@ def atomic_write(path: str | os.PathLike, write: Callable, overwrite: bool = Fal
 
 
 def save_image(image: Image.Image, path: str | os.PathLike, record: dict, fmt: str | None = None,
-               overwrite: bool = False) -> Path:  # fmt: skip
-    """Save atomically with metadata (module docstring); returns the path written."""
+               overwrite: bool = False, sign: Callable[[bytes, str], bytes] | None = None) -> Path:  # fmt: skip
+    """Save atomically with metadata (module docstring); returns the path written.
+
+    `sign(file_bytes, fmt) -> file_bytes` runs last on the encoded file (a C2PA manifest must cover the final bytes).
+    """
     fmt = format_for(path, fmt)
-    return atomic_write(path, lambda f: encode_image(image, f, fmt, record), overwrite)
+    if sign is None:
+        return atomic_write(path, lambda f: encode_image(image, f, fmt, record), overwrite)
+    buf = io.BytesIO()
+    encode_image(image, buf, fmt, record)
+    data = sign(buf.getvalue(), fmt)
+    return atomic_write(path, lambda f: f.write(data), overwrite)
 
 
 def _parse(text, path) -> dict:
