@@ -320,3 +320,5 @@ def test_c2pa_signed_output_verifies_and_tampering_is_caught(tmp_path, capsys):
 def test_c2pa_needs_both_files_and_a_supported_format(tmp_path, capsys):
     code = cli.main(["generate", "x", "--out", str(tmp_path / "a.png"), *FAST, "--c2pa-cert", "c.pem"])
     assert code == 2 and "--c2pa-key" in capsys.readouterr().err
+    code = cli.main(["generate", "x", "--out", str(tmp_path / "a.webp"), *FAST, "--c2pa-cert", "c", "--c2pa-key", "k"])
+    assert code == 2 and "'webp'" in capsys.readouterr().err and not (tmp_path / "a.webp").exists()

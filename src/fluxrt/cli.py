@@ -214,6 +214,7 @@ def cmd_generate(args) -> int:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not args.overwrite:
         raise RequestError(f"output {existing[0]!r} already exists (pass --overwrite to replace it)")
+    _c2pa_signer(args, {}, valid)  # bad C2PA options fail before the weights load
     pipe = _load(ref, args, record)
     guard = _safety_guard(ref.spec, args.safety)
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
