@@ -24,7 +24,9 @@ import json
 import os
 import platform
 import re
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,9 @@ from fluxrt.parallel import Mesh, apply_tensor_parallel, init_from_env, make_mes
 from fluxrt.parallel.sp import SequenceParallel
 from fluxrt.sampling.latents import grid_ids, text_ids
 from fluxrt.sampling.run import sample
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fill_random_  # noqa: E402  (per-tensor seeds: the same values on every rank)
 
 PLAN = re.compile(r"^(?:(sp|ring)(\d+))?(?:tp(\d+))?$")
 
@@ -49,25 +54,13 @@ def parse_plan(name: str) -> tuple[int, int, str]:
     return int(m[2] or 1), int(m[3] or 1), "ring" if m[1] == "ring" else "ulysses"
 
 
-def random_init_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Normal(0, 1/sqrt(fan_in)) matrices, norm scales 1; the same values on every rank (same seed)."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
-    return model
-
-
 def build(cfg, mesh: Mesh | None, attn: str, device) -> torch.nn.Module:
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated."""
     with torch.device("meta"):
         model = Flux2(cfg)
     if mesh is not None and mesh.tp > 1:
         apply_tensor_parallel(model, mesh.tp_group)
-    model = random_init_(model.to_empty(device=device).to(torch.bfloat16)).eval().requires_grad_(False)
+    model = fill_random_(model.to_empty(device=device).to(torch.bfloat16)).eval().requires_grad_(False)
     return SequenceParallel(model, mesh.sp_group, attn) if mesh is not None and mesh.sp > 1 else model
 
 
@@ -84,7 +77,7 @@ def check(cfg, size: int, mesh: Mesh | None, attn: str, device) -> dict:
     if mesh is None:
         return {}
     small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
-    model = random_init_(Flux2(small).to(device, torch.bfloat16)).eval()
+    model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
     noise, ctx = inputs(small, size, device)
     x = noise.flatten(2).transpose(1, 2)
     args = (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((1,), 0.5, device=device), ctx,
