@@ -51,15 +51,19 @@ def draw(data: LatentSet, batch: int, gen: torch.Generator):
     return n_refs, x0, ref, data.ctx[prompt[pick]].float()
 
 
-def sample_t(batch: int, device, gen: torch.Generator, mu: float) -> torch.Tensor:
-    """Training times: half logit-normal, half uniform, both shifted by the inference schedule's mu.
+def sample_t(batch: int, device, gen: torch.Generator, mu: float, tail: float = 0.1) -> torch.Tensor:
+    """Training times: a third logit-normal and a third uniform, both shifted by the inference schedule's mu, and
+    a third at 1 - tail * u^2 (u uniform), packed against pure noise.
 
-    The shift must match sampling: the first steps (t near 1) decide the layout and colours from the text alone,
-    and an unshifted distribution almost never trains there.
+    The shift must match sampling, and the tail is where the text matters: at 256² an image's background and
+    object colours can be read off x_t up to t ~ 0.97, so only the first sampling steps (t = 1, 0.993, 0.985, ...)
+    depend on the prompt, and a shifted distribution alone puts ~10% of its samples there.
     """
-    u = torch.where(torch.rand(batch, generator=gen) < 0.5, torch.sigmoid(torch.randn(batch, generator=gen)),
-                    torch.rand(batch, generator=gen))  # fmt: skip
-    return time_shift(mu, 1.0, u.to(device)).clamp(1e-4, 1 - 1e-4)
+    kind = torch.randint(3, (batch,), generator=gen)
+    u = torch.where(kind == 0, torch.sigmoid(torch.randn(batch, generator=gen)), torch.rand(batch, generator=gen))
+    t = time_shift(mu, 1.0, u)
+    t = torch.where(kind == 2, 1 - tail * torch.rand(batch, generator=gen) ** 2, t)
+    return t.to(device).clamp(1e-4, 1 - 1e-4)
 
 
 def velocity(model, xt, ref, ids, t, ctx, ctx_ids, guidance=None):

@@ -15,16 +15,22 @@ import torch
 
 
 class Budget:
-    def __init__(self, steps: int, seconds: float | None = None, probe: int = 20):
-        self.total, self.seconds, self.probe = steps, seconds, probe
-        self.start = time.time()
+    def __init__(self, steps: int, seconds: float | None = None, probe: int = 30, skip: int = 10):
+        self.total, self.seconds, self.probe, self.skip = steps, seconds, probe, skip
+        self.start = self.t_skip = time.time()
 
     def update(self, step: int) -> None:
-        """Call after each step; at step `probe` the total is fitted to the time left."""
-        if self.seconds is None or step + 1 != self.probe:
+        """Call after each step; at step `probe` the total is fitted to the time left, timing steps skip..probe
+        only (the first steps pay for CUDA start-up and autotuning and would shrink the run by a third)."""
+        if self.seconds is None:
             return
-        per_step = (time.time() - self.start) / self.probe
-        self.total = min(self.total, self.probe + int((self.seconds - (time.time() - self.start)) / per_step))
+        if step + 1 == self.skip:
+            self.t_skip = time.time()
+        if step + 1 != self.probe:
+            return
+        now = time.time()
+        per_step = (now - self.t_skip) / (self.probe - self.skip)
+        self.total = min(self.total, self.probe + int((self.seconds - (now - self.start)) / per_step))
 
     def running(self, step: int) -> bool:
         return step < self.total

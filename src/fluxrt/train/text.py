@@ -44,16 +44,25 @@ def build_tokenizer(corpus: list[str], max_length: int):
 
 
 def build_lm(vocab_size: int, hidden: int = 128, layers: int = 6, seed: int = 0):
-    """A tiny Qwen3ForCausalLM (the klein text-encoder family) with random weights."""
+    """A tiny Qwen3ForCausalLM (the klein text-encoder family) with random weights.
+
+    The token embeddings are untied from the output layer, drawn with unit variance and frozen (see
+    `pretrain_lm`). In the caption corpus every colour (shape, size, row...) word appears in exactly the same
+    contexts, so next-token prediction with tied, trained embeddings pulls them together: the first run's LM
+    gave "red" and "blue" embeddings at cosine 0.95 and the flow model could not tell the colours apart.
+    """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=256,
-        tie_word_embeddings=True, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rms_norm_eps=1e-6,
     )  # fmt: skip
-    return Qwen3ForCausalLM(cfg)
+    lm = Qwen3ForCausalLM(cfg)
+    # unit-variance rows (norm ~ sqrt(hidden)): as large as the residual stream, so a word's identity survives
+    torch.nn.init.normal_(lm.model.embed_tokens.weight, std=1.0)
+    return lm
 
 
 def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
@@ -66,10 +75,15 @@ def chat_texts(tokenizer, prompts: list[str]) -> list[str]:
 
 
 def pretrain_lm(lm, tokenizer, corpus: list[str], budget: Budget, batch: int, device, lr=3e-3, seed=0, log=print):
-    """Next-token prediction on chat-formatted prompts drawn from `corpus`; returns (frozen lm, last loss)."""
+    """Next-token prediction on chat-formatted prompts drawn from `corpus`; returns (frozen lm, last loss).
+
+    The token embeddings stay as initialised (frozen): they are what keeps exchangeable words distinct.
+    """
     rng = random.Random(seed)
     lm.to(device).train()
-    opt, sched = cosine_optim(lm.parameters(), lr, budget, warmup=50, floor=0.02, weight_decay=0.01)
+    lm.model.embed_tokens.weight.requires_grad_(False)
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt, sched = cosine_optim(params, lr, budget, warmup=50, floor=0.02, weight_decay=0.01)
     loss, step = torch.tensor(0.0), 0
     while budget.running(step):
         prompts = [rng.choice(corpus) for _ in range(batch)]
