@@ -4,6 +4,8 @@ Contract:
     load_transformer(path_or_repo, device="cpu", dtype=None, spec=None) -> (Flux2, ModelSpec | TransformerConfig)
     load_autoencoder(path_or_repo, device="cpu", dtype=torch.float32, config=None) -> AutoEncoder
     inspect_checkpoint(path_or_repo) -> CheckpointInfo
+Quantized checkpoints (fluxrt `convert` files, diffusers bitsandbytes 4-bit, scaled fp8, `.gguf`) are recognised
+from their tensors and loaded by `loading/quantized.py` under the same strictness.
 `path_or_repo` is anything `sources.find_component` accepts (BFL file, prefixed / all-in-one file, diffusers
 pipeline or component folder, sharded or not, or an `org/name` repo id in the local hub cache).
 The model is built on the meta device; each tensor is read from its file straight to `device`, cast to
@@ -187,8 +189,14 @@ def _cast_rule(dtype: torch.dtype | None, keep_fp32=()) -> Callable[[str, torch.
 # ------------------------------------------------------------------------------------------------ public API
 def load_transformer(path_or_repo, device="cpu", dtype: torch.dtype | None = None, spec=None):
     """Load the flow transformer strictly; returns (model in eval mode, ModelSpec or TransformerConfig)."""
+    from . import quantized  # quantized files (fluxrt, bnb 4-bit, scaled fp8, GGUF): loading/quantized.py
+
     want = _as_transformer_spec(spec)
+    if quantized.is_gguf(path_or_repo):
+        return quantized.load_gguf_transformer(path_or_repo, device, dtype, want)
     src = find_component(path_or_repo, "transformer", want.flow_file if isinstance(want, ModelSpec) else None)
+    if quantized.quant_format(src):
+        return quantized.load_quantized_transformer(src, device, dtype, want)
     _refuse_quantized(src)
     shapes, unmapped = to_bfl_shapes(src.shapes, "transformer", src.key_names)
     result = want if want is not None else _detected_transformer(src, shapes)
@@ -271,7 +279,12 @@ class CheckpointInfo:
 
 
 def _component_info(src: ComponentSource) -> ComponentInfo:
-    shapes, _ = to_bfl_shapes(src.shapes, src.component, src.key_names)
+    from . import quantized
+
+    if src.component == "transformer" and quantized.quant_format(src):
+        shapes = quantized.logical_bfl_shapes(src)  # weight shapes before packing (bnb stores (N*K/2, 1))
+    else:
+        shapes, _ = to_bfl_shapes(src.shapes, src.component, src.key_names)
     try:
         if src.component == "transformer":
             cfg = transformer_config(shapes, **_hints(src))
