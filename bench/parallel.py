@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from fluxrt.config import get_preset
 from fluxrt.models.transformer import Flux2
 from fluxrt.parallel import Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env, parallelize
+from fluxrt.parallel.plan import parse_plan as plan_from_name
 from fluxrt.parallel.sp import SequenceParallel
 from fluxrt.sampling.latents import grid_ids, text_ids
 from fluxrt.sampling.run import sample
@@ -41,17 +41,11 @@ from fluxrt.sampling.run import sample
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fill_random_  # noqa: E402  (per-tensor seeds: the same values on every rank)
 
-PLAN = re.compile(r"^(?:(sp|ring)(\d+))?(?:tp(\d+))?$")
-
 
 def parse_plan(name: str) -> tuple[int, int, str]:
-    """'1' -> (1, 1, 'ulysses'); 'ring2tp2' -> (2, 2, 'ring'); 'tp4' -> (1, 4, 'ulysses')."""
-    m = PLAN.match(name)
-    if name == "1":
-        return 1, 1, "ulysses"
-    if not m or not name:
-        raise ValueError(f"bad plan {name!r}: use 1, spN, ringN, tpN, spAtpB or ringAtpB")
-    return int(m[2] or 1), int(m[3] or 1), "ring" if m[1] == "ring" else "ulysses"
+    """'1' -> (1, 1, 'ulysses'); 'ring2tp2' -> (2, 2, 'ring'); 'tp4' -> (1, 4, 'ulysses') (`fluxrt.parallel.plan`)."""
+    plan = plan_from_name(name)
+    return plan.sp, plan.tp, plan.attention
 
 
 def build(cfg, mesh: Mesh | None, attn: str, device) -> torch.nn.Module:

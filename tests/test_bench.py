@@ -22,15 +22,19 @@ import transformer_step
 
 
 @pytest.fixture(autouse=True)
-def _restore_dynamo_config(monkeypatch):
-    """The benchmarks raise dynamo's recompile limits process-wide; put them back for the other tests."""
+def _restore_dynamo_config():
+    """The benchmarks raise dynamo's recompile limits process-wide; put them back for the other tests.
+
+    Plain getattr/setattr, not monkeypatch: monkeypatch's undo left torch's config module without the
+    `accumulated_*` keys in forked children (torch 2.13), which broke later compiled tests in the same run."""
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # fmt: skip
-        if hasattr(cfg, name):
-            monkeypatch.setattr(cfg, name, getattr(cfg, name))
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+             "accumulated_cache_size_limit", "fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")  # fmt: skip
+    saved = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
     torch._dynamo.reset()
     yield
+    for n, v in saved.items():
+        setattr(cfg, n, v)
     torch._dynamo.reset()
 
 

@@ -2,11 +2,11 @@
 
 Measured on a CPU (torch 2.13, fp32 reference path): one W8A8 matmul on Gaussian data is off by 3.7% (relative
 L2), weight-only rounding by 2.6%, which is e4m3's 3 mantissa bits, not the code. The tiny preset with the
-benchmark's random init (std 1/sqrt(fan_in), norm scales 1) gives velocity errors of 3.0-3.6% over t = 0.1, 0.5,
-0.9 (2.1% at t = 0.6); the bounds below leave a margin over those numbers. Full-depth klein-4B with the same init
-(64 image + 32 text tokens, measured once, not a test) gives 4.1-4.3%: above the issue's 3% target, which W8A8
-e4m3 on every block Linear does not reach on random weights (keeping every down/out projection in bf16 still
-gives 3.3-3.5%).
+benchmark's random init (std 1/sqrt(fan_in), norm scales 1), velocity error over t = 0.1, 0.5, 0.9: the default
+layer choice (FP8_SKIP: attention-side products in fp8, MLP products not) 1.7-2.0%, every block Linear in fp8
+(DEFAULT_SKIP) 3.0-3.6%; the bounds below leave a margin over those numbers. Full-size numbers (not tests; bench/
+fp8_error.py, bench/RESULTS.md "fp8 error"): klein-4B at 1024², FP8_SKIP 2.6-2.7% emulated, 2.9% with the real
+scaled_mm layers on an H100 against the bf16 model, 50% of the step's FLOPs in fp8; every block Linear 3.8-4.0%.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fluxrt.quant.fp8 import (
     DEFAULT_SKIP,
     E4M3,
     E4M3_MAX,
+    FP8_SKIP,
     Fp8Linear,
     dequantize_rowwise,
     fp8_linears,
@@ -30,13 +31,15 @@ from fluxrt.quant.fp8 import (
     fp8_matmul_scaled_mm,
     quantize_rowwise,
     quantize_transformer,
+    skipped,
 )  # fmt: skip
 from fluxrt.sampling.latents import grid_ids, text_ids
 
 HALF_ULP = 2.0**-4  # e4m3: 3 mantissa bits, spacing 2^-3 relative to the leading bit, round to nearest
 SUBNORMAL_HALF_STEP = 2.0**-10  # smallest e4m3 spacing is 2^-9 (below 2^-6), in units of the row scale
 MATMUL_REL_L2 = 0.045  # one W8A8 product vs fp32 (measured 0.037)
-VELOCITY_REL_L2 = 0.045  # tiny-preset velocity vs the unquantized model (measured 0.036 / 0.035)
+VELOCITY_REL_L2 = 0.03  # tiny preset, default layers, vs the unquantized model (measured 0.017-0.020)
+VELOCITY_ALL_REL_L2 = 0.045  # tiny preset, every block Linear in fp8 (measured 0.030-0.036)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -114,31 +117,56 @@ def tiny_inputs(cfg, refs: int, times=(0.1, 0.5, 0.9), side: int = 8, n_txt: int
     return x, ids, torch.tensor(times), ctx, text_ids(n_txt)[None], torch.full((b,), 4.0)
 
 
+def velocity_errors(model, skip, inp) -> list[float]:
+    """Relative L2 error of the quantized copy's velocity, per sample (per t)."""
+    exact = model(*inp)
+    v = quantize_transformer(copy.deepcopy(model), skip)(*inp)
+    return ((v - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).tolist()
+
+
 @pytest.mark.parametrize("refs", [0, 1])
 @torch.no_grad()
 def test_quantized_tiny_transformer_velocity_error(refs):
     model = bench_init_flux2()
     inp = tiny_inputs(model.cfg, refs)
-    exact = model(*inp)
-    quant = quantize_transformer(copy.deepcopy(model))
-    v = quant(*inp)
-    rel = ((v - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)).tolist()  # per sample (per t)
-    print(f"tiny preset fp8 velocity rel L2 (refs={refs}) at t=0.1, 0.5, 0.9: {', '.join(f'{r:.4f}' for r in rel)}")
-    assert 0.005 < min(rel) and max(rel) < VELOCITY_REL_L2
+    rel, rel_all = velocity_errors(model, FP8_SKIP, inp), velocity_errors(model, DEFAULT_SKIP, inp)
+    print(f"tiny fp8 velocity rel L2 (refs={refs}) at t=0.1, 0.5, 0.9: default {', '.join(f'{r:.4f}' for r in rel)}; "
+          f"every block Linear {', '.join(f'{r:.4f}' for r in rel_all)}")  # fmt: skip
+    assert 0.005 < min(rel) and max(rel) < VELOCITY_REL_L2 and max(rel_all) < VELOCITY_ALL_REL_L2
+    assert all(a < 0.7 * b for a, b in zip(rel, rel_all))  # keeping the MLP products is what buys the accuracy
+
+
+@torch.no_grad()
+def test_default_layer_choice():
+    """fp8: the double blocks' qkv and proj (both streams) and the single blocks' linear1; nothing else."""
+    quant = quantize_transformer(bench_init_flux2())
     names = fp8_linears(quant)
-    assert len(names) == 2 * 8 + 2 * 2  # double blocks: 2 streams x (qkv, proj, mlp.0, mlp.2); single: linear1, 2
-    assert all(n.startswith(("double_blocks.", "single_blocks.")) for n in names)
-    kept = [n for n, m in quant.named_modules() if type(m) is nn.Linear]
-    assert kept and all(n.split(".")[0] in DEFAULT_SKIP for n in kept)
-    assert {n.split(".")[0] for n in kept} == set(DEFAULT_SKIP)  # every sensitive layer stays bf16/fp32
+    assert len(names) == 2 * 2 * 2 + 2  # 2 double blocks x 2 streams x (qkv, proj) + 2 single blocks' linear1
+    assert {n.split(".", 2)[2] for n in names} == {"img_attn.qkv", "img_attn.proj", "txt_attn.qkv",
+                                                  "txt_attn.proj", "linear1"}  # fmt: skip
+    kept = {n for n, m in quant.named_modules() if type(m) is nn.Linear}
+    in_blocks = {n for n in kept if n.startswith(("double_blocks.", "single_blocks."))}
+    assert {n.split(".")[0] for n in kept - in_blocks} == set(DEFAULT_SKIP)
+    assert {n.split(".", 2)[2] for n in in_blocks} == {
+        "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2", "linear2"}  # fmt: skip
+    everything = quantize_transformer(bench_init_flux2(), skip=DEFAULT_SKIP)
+    assert len(fp8_linears(everything)) == 2 * 8 + 2 * 2  # + the MLPs and linear2
     assert isinstance(quant.final_layer.adaLN_modulation[1], nn.Linear)
+
+
+def test_skip_entries_are_prefixes_or_patterns():
+    assert skipped("final_layer.linear", ("final_layer",)) and skipped("time_in.in_layer", DEFAULT_SKIP)
+    assert not skipped("final_layer_x", ("final_layer",))  # a prefix ends at a dot
+    assert skipped("double_blocks.3.img_mlp.0", FP8_SKIP) and skipped("img_mlp.2", FP8_SKIP)  # whole model or block
+    assert skipped("single_blocks.47.linear2", FP8_SKIP) and skipped("linear2", FP8_SKIP)
+    assert not skipped("single_blocks.0.linear1", FP8_SKIP) and not skipped("double_blocks.0.txt_attn.qkv", FP8_SKIP)
 
 
 @torch.no_grad()
 def test_custom_skip_keeps_more_layers():
-    quant = quantize_transformer(bench_init_flux2(), skip=(*DEFAULT_SKIP, "single_blocks"))
-    assert all(n.startswith("double_blocks.") for n in fp8_linears(quant))
-    assert type(quant.single_blocks[1].linear2) is nn.Linear
+    quant = quantize_transformer(bench_init_flux2(), skip=(*FP8_SKIP, "single_blocks"))
+    assert fp8_linears(quant) and all(n.startswith("double_blocks.") for n in fp8_linears(quant))
+    assert type(quant.single_blocks[1].linear1) is nn.Linear
 
 
 @torch.no_grad()
@@ -193,12 +221,22 @@ def test_gpu_scaled_mm_matches_reference(fast_accum):
 @needs_cuda
 @torch.no_grad()
 def test_gpu_quantized_transformer_scaled_mm_equals_reference_path():
-    model = bench_init_flux2().cuda().to(torch.bfloat16)
-    inp = [t.cuda() for t in tiny_inputs(model.cfg, refs=1)]
+    """The two fp8 paths differ by bf16 rounding (output, accumulation order), which the model amplifies as it
+    amplifies bf16's own rounding: the bound is a multiple of the bf16 model's distance to the fp32 one."""
+    fp32 = bench_init_flux2().cuda()
+    model = copy.deepcopy(fp32).to(torch.bfloat16)
+    inp32 = [t.cuda() for t in tiny_inputs(model.cfg, refs=1)]
+    inp = list(inp32)
     inp[0], inp[3] = inp[0].bfloat16(), inp[3].bfloat16()
     fast = quantize_transformer(copy.deepcopy(model))
     assert fast.single_blocks[0].linear1.impl == "scaled_mm"
     slow = quantize_transformer(copy.deepcopy(model), impl="reference")
-    a, b, exact = fast(*inp).float(), slow(*inp).float(), model(*inp).float()
-    assert (a - b).norm() / b.norm() < 1e-2
-    assert (a - exact).norm() / exact.norm() < VELOCITY_REL_L2 + 0.01  # bf16 rounding on top of fp8
+    a, b, exact, ref32 = fast(*inp).float(), slow(*inp).float(), model(*inp).float(), fp32(*inp32)
+    paths, bf16_noise = _rel(a, b), _rel(exact, ref32)
+    print(f"scaled_mm vs reference {paths:.2e}, bf16 vs fp32 model {bf16_noise:.2e}, fp8 vs bf16 {_rel(a, exact):.2e}")
+    assert paths < 2 * bf16_noise + 5e-3
+    assert _rel(a, exact) < VELOCITY_REL_L2 + 2 * bf16_noise  # bf16 rounding on top of fp8
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

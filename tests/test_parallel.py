@@ -18,7 +18,8 @@ from conftest import tiny_flow
 from fluxrt.config import TINY
 from fluxrt.models.attention import attention
 from fluxrt.models.transformer import Flux2
-from fluxrt.parallel import SequenceParallel, apply_tensor_parallel, make_mesh, parallelize, spawn
+from fluxrt.parallel import SequenceParallel, apply_tensor_parallel, make_mesh, nccl_env, parallelize, spawn
+from fluxrt.parallel.generate import BroadcastTextEncoder
 from fluxrt.parallel.sp import Layout, block_attention, merge_blocks, shard_tokens
 from fluxrt.parallel.tp import shard_cols, shard_rows
 from fluxrt.sampling.latents import grid_ids, pack, text_ids
@@ -75,6 +76,21 @@ def _sample_worker(sp: int, tp: int, attn: str) -> float:
     return _max_over_ranks((out - full).abs().max().item())
 
 
+def _compiled_worker() -> float:
+    """The blocks of the Ulysses-parallel model compiled as `fluxrt generate --gpus N --compile` does (graph breaks
+    allowed at the collectives); the "eager" backend runs dynamo's capture and guards only, to keep this cheap."""
+    from fluxrt.accel import compile_transformer
+
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(True)
+    with torch.no_grad():
+        ref = model(*inputs[:5], guidance=inputs[5])
+        par = parallelize(model, make_mesh(2, 1), "ulysses")
+        compile_transformer(par.model, fullgraph=False, backend="eager")
+        out = par(*inputs[:5], guidance=inputs[5])
+    return _max_over_ranks((out - ref).abs().max().item())
+
+
 def _errors_worker() -> list[str]:
     """A 3-head model on 2 ranks: Ulysses and TP refuse with both numbers; ring runs exactly."""
     torch.set_num_threads(1)
@@ -115,11 +131,70 @@ def test_sampling_equals_single_process(n, sp, tp, attn):
     assert _run(n, _sample_worker, sp, tp, attn) < TOL
 
 
+def test_compiled_sequence_parallel_equals_single_process():
+    assert _run(2, _compiled_worker) < TOL
+
+
 def test_heads_not_divisible_by_world_size():
     ulysses, tp, ring_diff = _run(2, _errors_worker)
     assert "heads per rank 3" in ulysses and "world size 2" in ulysses
     assert "num_heads 3" in tp and "world size 2" in tp
     assert ring_diff < TOL
+
+
+class _FakeEncoder(torch.nn.Module):
+    config, system_message = "fake", None
+
+    def encode(self, prompts):
+        return torch.stack([torch.full((3, 5), float(len(p))) for p in prompts]).to(torch.bfloat16)
+
+
+def _broadcast_worker() -> list:
+    """Rank 0 has an encoder, rank 1 none: both get rank 0's features (dtype and shape travel too)."""
+    torch.set_num_threads(1)
+    te = BroadcastTextEncoder(_FakeEncoder() if dist.get_rank() == 0 else None, torch.device("cpu"))
+    feats = te.encode(["ab", "abcd"])
+    ok = feats.dtype == torch.bfloat16 and feats.shape == (2, 3, 5) and feats[1].eq(4).all().item()
+    return [int(_max_over_ranks(0.0 if ok else 1.0)), te.config if dist.get_rank() == 0 else None]
+
+
+def _failing_worker(bad_rank: int) -> None:
+    if dist.get_rank() == bad_rank:
+        raise KeyError("boom")
+    dist.barrier()  # the healthy rank waits in a collective, as it would mid-step
+
+
+def _env_worker() -> dict:
+    return nccl_env()
+
+
+def test_text_features_broadcast_from_rank_zero():
+    assert _run(2, _broadcast_worker) == [0, "fake"]
+
+
+def test_error_on_any_rank_is_raised_with_its_rank():
+    with pytest.raises(KeyError, match="rank 1 of 2: 'boom'") as err:
+        _run(2, _failing_worker, 1)
+    assert any("_failing_worker" in note for note in err.value.__notes__)  # the child's traceback comes along
+
+
+def test_nccl_environment_reaches_ranks_unchanged(monkeypatch):
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+    assert _run(2, _env_worker) == {"NCCL_DEBUG": "WARN", "NCCL_NVLS_ENABLE": "0"} == nccl_env()
+
+
+def test_tensor_parallel_refuses_quantized_layers():
+    from fluxrt.quant.fp8 import quantize_transformer
+
+    model = quantize_transformer(tiny_flow(guidance_embed=True))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="Fp8Linear"):
+            apply_tensor_parallel(model)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- single-process pieces -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .compile import CUDAGraphStep, compile_transformer, decompile, is_compiled
+from .compile import CompilerMissing, CUDAGraphStep, check_cpu_compiler, compile_transformer, decompile, is_compiled
 
 
 def optimize(model: nn.Module, *, fp8: bool = False, compile: bool = False, compile_mode: str | None = None,
@@ -24,4 +24,7 @@ def optimize(model: nn.Module, *, fp8: bool = False, compile: bool = False, comp
     return model
 
 
-__all__ = ["CUDAGraphStep", "compile_transformer", "decompile", "is_compiled", "optimize"]
+__all__ = [
+    "CUDAGraphStep", "CompilerMissing", "check_cpu_compiler", "compile_transformer", "decompile", "is_compiled",
+    "optimize",
+]  # fmt: skip

@@ -47,13 +47,33 @@ def compile_regions(model: nn.Module, scope: str) -> list[nn.Module]:
     return blocks
 
 
+class CompilerMissing(OSError):
+    """torch inductor needs a C++ compiler to compile for the CPU, and none was found."""
+
+
+def check_cpu_compiler() -> str:
+    """The C++ compiler inductor will use for CPU code; raises CompilerMissing with the reason when there is none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        return get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - inductor raises its own types for a missing or unusable compiler
+        raise CompilerMissing(f"compiling for the CPU needs a C++ compiler (g++ or clang++; $CXX picks one) and "
+                              f"torch found none usable ({type(e).__name__}: {e}); run without --compile") from None  # fmt: skip
+
+
 def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph: bool = True, dynamic: bool = False,
                         scope: str = "blocks", backend="inductor") -> nn.Module:  # fmt: skip
-    """Compile `model` in place with static shapes (module docstring); returns it. Lossless up to fp rounding."""
+    """Compile `model` in place with static shapes (module docstring); returns it. Lossless up to fp rounding.
+
+    On the CPU with inductor, a missing C++ compiler raises CompilerMissing here, not at the first call.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown compile mode {mode!r}; known: {', '.join(str(m) for m in MODES)}")
     if mode in _CUDA_GRAPH_MODES and _device_of(model).type != "cuda":
         raise ValueError(f"compile mode {mode!r} captures CUDA graphs; the model is on {_device_of(model)}")
+    if backend == "inductor" and _device_of(model).type == "cpu":
+        check_cpu_compiler()
     kwargs = {"fullgraph": fullgraph, "dynamic": dynamic, "backend": backend}
     if mode not in (None, "default"):
         kwargs["mode"] = mode

@@ -8,7 +8,9 @@
   communicates (Ulysses all-to-all, or ring K/V passing with online softmax). Exact: same function as one process.
 * `apply_tensor_parallel(model, group)` (tp.py): weights split by heads and MLP columns, all-reduce after the
   row-sharded projections. Exact up to summation order.
-* launch.py: `init_from_env`, `spawn`, `make_mesh`, `nccl_env`. docs/PARALLEL.md has the commands.
+* launch.py: `init_from_env`, `spawn`, `make_mesh`, `nccl_env`, `with_rank`. docs/PARALLEL.md has the commands.
+* plan.py: `choose_plan(cfg, world, "auto" | "sp" | "ring" | "tp" | "sptp" | "spAtpB" ...)`, checked before loading.
+* generate.py: `fluxrt generate --gpus N` / under torchrun: every rank samples, rank 0 encodes text and writes.
 The model file knows none of this. Inference only.
 """
 

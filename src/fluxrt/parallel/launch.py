@@ -5,23 +5,31 @@ Two ways to start n ranks:
     `init_from_env()`, which reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set by torchrun.
   * `spawn(n, fn, *args)` from one Python process (what `fluxrt generate --gpus N` uses): starts n local processes
     on 127.0.0.1 with a free port, runs fn(*args) on each after `init_from_env()`, returns rank 0's result.
+    An exception on any rank stops the others and is raised again in the caller, same type, its message
+    starting with "rank r of n: " (the rank that failed first; the child's traceback is attached as a note).
 
-The backend is NCCL when CUDA is available, else gloo. NCCL_* variables are never set here: the environment
-(e.g. NCCL_NVLS_ENABLE=0) reaches NCCL unchanged, in torchrun's ranks and in spawned children alike.
+The backend is NCCL on CUDA (device cuda:LOCAL_RANK), else gloo on the CPU; `device_type="cpu"` asks for CPU ranks
+on a machine with GPUs. NCCL_* variables are never set here: the environment (e.g. NCCL_NVLS_ENABLE=0) reaches
+NCCL unchanged, in torchrun's ranks and in spawned children alike.
 `make_mesh(sp, tp)` splits the world into a 2-D (sequence x tensor) mesh of process subgroups.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 
 @dataclass(frozen=True)
@@ -32,14 +40,24 @@ class DistInfo:
     device: torch.device
 
 
-def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
+def rank_device_type(device_type: str | None = None) -> str:
+    """The device type of the ranks: `device_type` if given (checked), else "cuda" when available, else "cpu"."""
+    if device_type not in (None, "cuda", "cpu"):
+        raise ValueError(f"parallel ranks run on 'cuda' or 'cpu', not {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("parallel ranks on 'cuda' were asked for, but torch sees no CUDA GPU")
+    return device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0, device_type: str | None = None) -> DistInfo:
     """Join the process group described by torchrun's variables; a plain single process gets world size 1.
 
-    CUDA: device cuda:LOCAL_RANK, backend "nccl"; otherwise CPU and "gloo". Safe to call twice.
+    CUDA: device cuda:LOCAL_RANK, backend "nccl"; CPU (no CUDA, or device_type="cpu"): backend "gloo".
+    Safe to call twice.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = rank_device_type(device_type) == "cuda"
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -65,33 +83,76 @@ def nccl_env() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("NCCL_")}
 
 
-def _child(rank: int, n: int, port: int, result: str, timeout_s: float, fn, args) -> None:
+def with_rank(exc: BaseException, rank: int, world: int) -> BaseException:
+    """The same kind of exception, its message prefixed with "rank r of n: " (a plain copy when the type needs
+    other constructor arguments: then a RuntimeError naming the type)."""
+    msg = f"rank {rank} of {world}: {exc}"
+    try:
+        new = type(exc)(msg)
+    except Exception:  # noqa: BLE001 - exception types with other signatures
+        new = RuntimeError(f"rank {rank} of {world}: {type(exc).__name__}: {exc}")
+    new.__cause__ = exc.__cause__
+    return new
+
+
+def _save_error(folder: str, rank: int, exc: BaseException) -> None:
+    """What failed on this rank, for the parent: the exception (pickled if it can be), its traceback, the time."""
+    try:
+        blob = pickle.dumps(exc)
+    except Exception:  # noqa: BLE001 - unpicklable exceptions travel as their text
+        blob = pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    record = {"exc": blob, "traceback": traceback.format_exc(), "time": time.time()}
+    Path(folder, f"error{rank}.pkl").write_bytes(pickle.dumps(record))
+
+
+def _first_error(folder: str, world: int, failure: ProcessException) -> BaseException:
+    """The exception of the rank that failed first (others often fail after it, e.g. on a closed connection)."""
+    records = []
+    for r in range(world):
+        path = Path(folder, f"error{r}.pkl")
+        if path.exists():
+            records.append((pickle.loads(path.read_bytes()), r))
+    if not records:  # killed by a signal or os._exit: the message of torch's exception is all there is
+        return failure
+    record, rank = min(records, key=lambda rr: rr[0]["time"])
+    new = with_rank(pickle.loads(record["exc"]), rank, world)
+    new.add_note(f"traceback on rank {rank}:\n{record['traceback'].rstrip()}")
+    return new
+
+
+def _child(rank: int, n: int, port: int, folder: str, timeout_s: float, device_type, fn, args) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    if not torch.cuda.is_available():  # n CPU processes share the cores
+    if rank_device_type(device_type) == "cpu":  # n CPU processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-    init_from_env(timeout_s=timeout_s)
     try:
+        init_from_env(timeout_s=timeout_s, device_type=device_type)
         out = fn(*args)
-        if rank == 0:
-            torch.save(out, result)
-    finally:
-        dist.destroy_process_group()
+    except BaseException as e:
+        _save_error(folder, rank, e)
+        raise  # no destroy_process_group here: other ranks may be blocked in a collective; the parent stops them
+    if rank == 0:
+        torch.save(out, os.path.join(folder, "rank0.pt"))
+    dist.destroy_process_group()
 
 
-def spawn(n: int, fn, *args, start_method: str = "spawn", timeout_s: float = 600.0):
+def spawn(n: int, fn, *args, start_method: str = "spawn", timeout_s: float = 600.0, device_type: str | None = None):
     """Run fn(*args) in n new local processes joined in one process group; return rank 0's return value.
 
     fn must be importable (module level). `start_method="fork"` starts in milliseconds but is for CPU only
-    (CUDA cannot be used after fork); "spawn" re-imports everything in each child. A child's exception is
-    re-raised here (torch.multiprocessing.ProcessRaisedException) after the other ranks are stopped.
+    (CUDA cannot be used after fork); "spawn" re-imports everything in each child. device_type: None (cuda if
+    available), "cuda" or "cpu". When a rank raises, the others are stopped and its exception is raised here:
+    same type, message "rank r of n: ...", the child's traceback as a note (`with_rank`).
     """
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.pt")
-        args = (n, free_port(), result, timeout_s, fn, args)
-        mp.start_processes(_child, args=args, nprocs=n, join=True, start_method=start_method)
+        args = (n, free_port(), tmp, timeout_s, device_type, fn, args)
+        try:
+            mp.start_processes(_child, args=args, nprocs=n, join=True, start_method=start_method)
+        except ProcessException as failure:
+            raise _first_error(tmp, n, failure) from None
         return torch.load(result, weights_only=False) if os.path.exists(result) else None
 
 

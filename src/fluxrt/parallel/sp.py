@@ -117,14 +117,14 @@ def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return recv.transpose(0, 1).reshape(b, n * hl, length // n, d)
 
 
-def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa") -> torch.Tensor:
+def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_index=None) -> torch.Tensor:
     """(B, h, Ls, D) local q, k, v -> (B, h, Ls, D): all-to-all to head shards, full attention, all-to-all back.
 
     The local attention runs with the backend `inner`; padded keys are dropped before it (exact, no mask).
     """
     q, k, v = seq_to_heads(torch.stack([q, k, v]), group).unbind(0)  # each (B, h/n, n*Ls, D)
     if layout.padded:
-        idx = layout.key_index(q.device)
+        idx = layout.key_index(q.device) if key_index is None else key_index
         k, v = k.index_select(2, idx), v.index_select(2, idx)
     with attention_backend(inner):
         out = attention(q, k, v)  # (B, n*Ls, h/n * D)
@@ -194,6 +194,7 @@ class _Call:
     group: object
     mode: str
     inner: str
+    key_index: torch.Tensor | None = None  # Ulysses' valid keys, made outside compiled blocks (an lru_cache)
 
 
 _CALLS: list[_Call] = []  # the sharded forward in progress (a stack, so nested wrappers would also work)
@@ -211,7 +212,7 @@ def _sp_backend(q, k, v) -> torch.Tensor:
         )
     if c.mode == "ring":
         return ring_attention(q, k, v, c.layout, c.group)
-    return ulysses_attention(q, k, v, c.layout, c.group, c.inner)
+    return ulysses_attention(q, k, v, c.layout, c.group, c.inner, c.key_index)
 
 
 register_attention_backend("sequence-parallel", _sp_backend)
@@ -267,7 +268,8 @@ class SequenceParallel(nn.Module):
             raise NotImplementedError("the klein KV-cache forward is not supported under sequence parallelism")
         layout = Layout(ctx.shape[1], x.shape[1], self.world)
         x, x_ids, ctx, ctx_ids = (shard_tokens(t, self.rank, self.world) for t in (x, x_ids, ctx, ctx_ids))
-        with _installed(_Call(layout, self.group, self.mode, self.inner)):
+        keys = layout.key_index(x.device) if layout.padded and self.mode == "ulysses" else None
+        with _installed(_Call(layout, self.group, self.mode, self.inner, keys)):
             out = self.model(x, x_ids, timesteps, ctx, ctx_ids, guidance=guidance)  # (B, pi, 128)
         return gather_tokens(out, layout.n_img, self.group)
 

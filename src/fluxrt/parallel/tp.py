@@ -92,6 +92,11 @@ def apply_tensor_parallel(model: nn.Module, group=None) -> nn.Module:
         raise ValueError(f"model is already tensor-parallel over {model.tensor_parallel} ranks")
     check_divisible(cfg.num_heads, world, "tensor parallelism: num_heads")
     check_divisible(cfg.mlp_hidden, world, "tensor parallelism: MLP width")
+    odd = sorted({type(m).__name__ for b in (*model.double_blocks, *model.single_blocks) for m in b.modules()
+                  if isinstance(m, nn.Module) and "Linear" in type(m).__name__ and type(m) is not nn.Linear})  # fmt: skip
+    if odd:  # a quantized layer keeps scales per output row that plain slicing would not follow
+        raise ValueError(f"tensor parallelism splits plain nn.Linear weights; the blocks hold {', '.join(odd)} "
+                         f"(quantized?): use sequence parallelism (--parallel sp or ring) for a quantized model")  # fmt: skip
     h, m = cfg.hidden_size, cfg.mlp_hidden
     for block in model.double_blocks:
         _shard_double(block, h, m, rank, world, group)
