@@ -3,6 +3,7 @@
     fluxrt generate PROMPT [--ref IMG]... [--model M] [--seed N] [--steps N] [--guidance G] [--size WxH] ...
     fluxrt info PATH_OR_REPO_ID
     fluxrt models
+    fluxrt convert PATH_OR_REPO_ID --quant fp8|nf4|int4 --out FILE.safetensors
 
 `main(argv) -> int` never raises for bad input: it prints one line `fluxrt: error: ...` on stderr and returns 2
 (1 for failures of the environment, e.g. a full disk). Written paths go to stdout, the progress bar to stderr.
@@ -39,6 +40,12 @@ examples:
   fluxrt info flux2-dev.safetensors
   fluxrt info black-forest-labs/FLUX.2-klein-4B     # a repo id in the local Hugging Face cache
   fluxrt info fluxrt-shapes                         # a preset name
+"""
+CONVERT_EXAMPLES = """\
+examples:
+  fluxrt convert black-forest-labs/FLUX.2-klein-4B --quant nf4 --out klein-4b-nf4.safetensors
+  fluxrt convert flux2-dev.safetensors --quant fp8 --out flux2-dev-fp8.safetensors --device cuda
+  # the file loads with fluxrt.loading.load_transformer("klein-4b-nf4.safetensors"): Nf4Linear layers
 """
 MODELS_EXAMPLES = """\
 examples:
@@ -96,6 +103,8 @@ def _generate_parser(sub) -> None:
                    "its references again with --ref); other flags override")  # fmt: skip
     p.add_argument("--device", type=_device, help="device of every component (default: cuda if any, else cpu)")
     p.add_argument("--text-encoder-device", type=_device, metavar="D", help="text encoder device (default: --device)")
+    p.add_argument("--text-encoder-url", metavar="URL", help="encode prompts on a `fluxrt serve --text-encoder-only` "
+                   "server instead of loading the text encoder here (token: $FLUXRT_TOKEN)")  # fmt: skip
     p.add_argument("--ae-device", type=_device, metavar="D", help="autoencoder device (default: --device)")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -106,7 +115,44 @@ def _generate_parser(sub) -> None:
     p.add_argument("--c2pa-cert", metavar="PEM", help="sign outputs with a C2PA manifest: certificate chain, leaf "
                    "first (default $FLUXRT_C2PA_CERT); PNG and JPEG")  # fmt: skip
     p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (lossless; "
+                   "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU)")  # fmt: skip
+    from .memory.options import add_arguments as add_memory_arguments
+    from .parallel.generate import add_arguments as add_parallel_arguments
+
+    add_memory_arguments(p)  # --quant, --vram, --offload
+    add_parallel_arguments(p)  # --gpus, --parallel
     p.set_defaults(func=cmd_generate)
+
+
+def _convert_parser(sub) -> None:
+    from .quant.formats import SCHEMES
+
+    p = sub.add_parser("convert", help="write a quantized copy of a transformer checkpoint (lossy)",
+                       epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("source", metavar="PATH_OR_REPO_ID", help="an unquantized transformer checkpoint (any layout)")
+    p.add_argument("--quant", required=True, choices=SCHEMES, help="fp8: e4m3 + row scales; nf4 / int4: 4-bit")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write")
+    p.add_argument("--device", type=_device, default="cpu", help="where to quantize (default: cpu)")
+    p.add_argument("--keep", action="append", metavar="PREFIX", default=[],
+                   help="also keep this module prefix or glob unquantized (repeat; the embedders, modulations and "
+                   "final layer are always kept, and for fp8 the MLP products too)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from pathlib import Path
+
+    from .quant.formats import convert, default_skip
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise RequestError(f"--out must end in .safetensors, got {args.out!r}")
+    if out.exists() and not args.overwrite:
+        raise RequestError(f"output {args.out!r} already exists (pass --overwrite to replace it)")
+    print(convert(args.source, out, args.quant, args.device, (*default_skip(args.quant), *args.keep)), flush=True)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,12 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model presets and whether their files are here",
                             epilog=MODELS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     models.set_defaults(func=cmd_models)
+    _convert_parser(sub)
     verify = sub.add_parser("verify", help="check an image for the fluxrt watermark, a C2PA manifest and AI tags",
                             epilog="example:\n  fluxrt verify outputs/0_0.png --trust ca.pem",
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     verify.add_argument("image", metavar="IMAGE")
     verify.add_argument("--trust", metavar="PEM", help="extra C2PA trust anchor (root certificate)")
     verify.set_defaults(func=cmd_verify)
+    from .service.cli import add_serve_parser  # argparse only: the server libraries load when `serve` runs
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -194,12 +244,16 @@ def request_from_args(args, record: dict) -> GenerationRequest:
     )  # fmt: skip
 
 
-def _load(ref, args, record: dict):
+def _load(ref, args, record: dict, **extra):
+    """The pipeline a generate command line asks for; `extra` goes to Pipeline.load (parallel ranks use it)."""
+    from .memory.options import load_kwargs
     from .pipeline import Pipeline
 
     dtype_name = args.dtype or DTYPE_NAMES.get(record.get("dtype", ""))  # --from keeps the dtype it was made in
     return Pipeline.load(ref, device=args.device, text_encoder_device=args.text_encoder_device,
-                         ae_device=args.ae_device, dtype=DTYPES[dtype_name] if dtype_name else None)  # fmt: skip
+                         ae_device=args.ae_device, dtype=DTYPES[dtype_name] if dtype_name else None,
+                         compile=args.compile, text_encoder_url=getattr(args, "text_encoder_url", None),
+                         **load_kwargs(args), **extra)  # fmt: skip
 
 
 def cmd_generate(args) -> int:
@@ -215,13 +269,21 @@ def cmd_generate(args) -> int:
     if existing and not args.overwrite:
         raise RequestError(f"output {existing[0]!r} already exists (pass --overwrite to replace it)")
     _c2pa_signer(args, {}, valid)  # bad C2PA options fail before the weights load
-    pipe = _load(ref, args, record)
-    guard = _safety_guard(ref.spec, args.safety)
-    progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
+    from .memory.options import plan_from_args
+
+    args.plan = plan_from_args(ref.spec, args, valid, record)  # --quant / --vram / --offload: printed on stderr
+    from .parallel.generate import Launch
+
+    launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
+    pipe = None if launch.parallel else _load(ref, args, record)
+    guard = _safety_guard(ref.spec, args.safety) if launch.is_main else None
+    progress = Progress(enabled=pipe is not None and not args.quiet and sys.stderr.isatty())
     try:
-        results = pipe.run(valid, on_step=progress)
+        results = pipe.run(valid, on_step=progress) if pipe is not None else launch.run(ref, args, valid, record)
     finally:
         progress.close()
+    if not launch.is_main:  # torchrun ranks > 0: rank 0 saves and prints
+        return 0
     blocked = 0
     for result, path in zip(results, paths):
         image, decision = guard.finalize(result.image, result.record)

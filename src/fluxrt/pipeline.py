@@ -3,8 +3,9 @@
 Contract:
     resolve_model(model, preset=None) -> ModelRef   cheap (headers only): which spec and files a model name means
     Pipeline.load(model=None, *, device=None, text_encoder_device=None, ae_device=None, dtype=None,
-                  offload_text_encoder=None, preset=None) -> Pipeline
+                  offload_text_encoder=None, preset=None, quant=None, vram=None, offload=None) -> Pipeline
     Pipeline(spec, transformer, ae, text_encoder, dtype=None)   from built components (tests, training)
+    load_text_encoder_only(model=None, *, device=None, dtype=None) -> (spec, text encoder)   for a text-encoder server
     pipe.run(request, limits=None, on_step=None) -> [GenerationResult]   validate, generate, attach the records
     pipe.generate(samples, width, height, steps, guidance) -> [PIL image]
 
@@ -41,8 +42,8 @@ from .sampling.latents import noise
 from .sampling.references import encode_references, tensor_to_images
 from .sampling.run import sample
 
-__all__ = ["ModelRef", "Pipeline", "Sample", "default_device", "embedded_model_path", "parse_device",
-           "resolve_model"]
+__all__ = ["ModelRef", "Pipeline", "Sample", "default_device", "embedded_model_path", "load_text_encoder_only",
+           "parse_device", "resolve_model"]
 
 EMBEDDED = "fluxrt-shapes"
 AE_REPO_ID = "black-forest-labs/FLUX.2-dev"  # the reference downloads the one shared VAE from the dev repo
@@ -158,9 +159,20 @@ def _load_text_encoder(root: Path, spec: ModelSpec, device: torch.device, dtype:
     return load_text_encoder(None, spec.text_encoder, device=device, dtype=dtype)
 
 
+def load_text_encoder_only(model: str | ModelRef | None = None, *, device=None, dtype: torch.dtype | None = None,
+                           preset: str | None = None):  # fmt: skip
+    """(spec, text encoder) of a model without its transformer and VAE (`fluxrt serve --text-encoder-only`)."""
+    ref = model if isinstance(model, ModelRef) else resolve_model(model, preset)
+    root = ref.path if ref.path is not None else _preset_files(ref.spec)
+    dev = parse_device(device)
+    return ref.spec, _load_text_encoder(root, ref.spec, dev, dtype or _default_dtype(dev))
+
+
 # ----------------------------------------------------------------------------------------------- pipeline
 class Pipeline:
     """The three components of one model and the sampling policy of its spec."""
+
+    plan = None  # the fluxrt.memory Plan it was loaded with, if any
 
     def __init__(self, spec: ModelSpec, transformer, ae, text_encoder, dtype: torch.dtype | None = None, *,
                  offload_text_encoder: bool = False, text_encoder_device=None, name: str | None = None):  # fmt: skip
@@ -177,12 +189,21 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | ModelRef | None = None, *, device=None, text_encoder_device=None, ae_device=None,
              dtype: torch.dtype | None = None, offload_text_encoder: bool | None = None,
-             preset: str | None = None) -> Pipeline:  # fmt: skip
+             preset: str | None = None, compile: bool = False, load_text_encoder: bool = True,
+             text_encoder_url: str | None = None, text_encoder_token: str | None = None, quant: str | None = None,
+             vram: int | str | None = None, offload: str | None = None, plan=None) -> Pipeline:  # fmt: skip
         """Load a model (see the module docstring) with each component on its own device (default: cuda if any).
 
         dtype: transformer and text encoder compute dtype (default bf16 on a GPU, fp32 on the CPU); the VAE runs
         in fp32 as in the reference. offload_text_encoder: park the text encoder on the CPU between prompts
         (default: only when every component shares one CUDA device). preset: see `resolve_model`.
+        compile: torch.compile the transformer's blocks (`fluxrt.accel`; lossless, static shapes). load_text_encoder:
+        False leaves `text_encoder` None (parallel ranks > 0 get rank 0's features: `fluxrt.parallel.generate`).
+        text_encoder_url: encode prompts on a `fluxrt serve --text-encoder-only` server (`RemoteTextEncoder`;
+        token: text_encoder_token, default $FLUXRT_TOKEN) instead of loading the text encoder here.
+        quant ("fp8" | "nf4" | "int4", lossy), vram (a budget: bytes or "24GB") and offload ("stream": stream the
+        transformer's blocks) go to `fluxrt.memory.plan_memory`, or pass its `plan`; the plan then decides
+        formats and placements (text encoder too) and is kept as `pipe.plan`.
         """
         dev = parse_device(device)
         te_dev = parse_device(text_encoder_device) if text_encoder_device is not None else dev
@@ -191,11 +212,31 @@ class Pipeline:
         root = ref.path if ref.path is not None else _preset_files(ref.spec)
         if offload_text_encoder is None:
             offload_text_encoder = dev.type == "cuda" and dev == te_dev == ae_dev
-        transformer, _ = load_transformer(root, dev, dtype or _default_dtype(dev), ref.spec)
+        from .memory.apply import apply_plan, load_devices, memory_plan
+
+        plan = memory_plan(ref.spec, dev, dtype or _default_dtype(dev), quant, vram, offload, plan, compile)
+        t_dev, te_load_dev = load_devices(plan, dev, te_dev) if plan else (dev, te_dev)
+        transformer, _ = load_transformer(root, t_dev, dtype or _default_dtype(dev), ref.spec)
         ae = load_autoencoder(_ae_source(root), ae_dev, torch.float32, ref.spec.autoencoder)
-        te = _load_text_encoder(root, ref.spec, te_dev, dtype or _default_dtype(te_dev))
-        return cls(ref.spec, transformer, ae, te, dtype or _default_dtype(dev), name=ref.name,
-                   offload_text_encoder=offload_text_encoder, text_encoder_device=te_dev)  # fmt: skip
+        if text_encoder_url is not None:
+            from .service.remote import RemoteTextEncoder  # stdlib HTTP only: no server libraries needed here
+
+            te = RemoteTextEncoder(text_encoder_url, text_encoder_token, expect=ref.spec.text_encoder)
+            offload_text_encoder = False
+        else:
+            te_dtype = dtype or _default_dtype(te_dev)
+            te = _load_text_encoder(root, ref.spec, te_load_dev, te_dtype) if load_text_encoder else None
+        if plan is not None:  # quantize and place block by block (fluxrt.memory)
+            transformer, te, te_dev, offload_text_encoder = apply_plan(plan, transformer, te, dev, te_dev,
+                                                                       offload_text_encoder)  # fmt: skip
+        if compile:  # last, after any other transform of the transformer (quantized layers compile too)
+            from .accel import optimize
+
+            optimize(transformer, compile=True)
+        pipe = cls(ref.spec, transformer, ae, te, dtype or _default_dtype(dev), name=ref.name,
+                   offload_text_encoder=offload_text_encoder and te is not None, text_encoder_device=te_dev)  # fmt: skip
+        pipe.plan = plan
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -313,6 +354,8 @@ class Pipeline:
         images = self.generate(samples, valid.width, valid.height, valid.steps, valid.guidance,
                                step if on_step else None, max_batch)  # fmt: skip
         run_info = {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
+        if self.plan is not None and self.plan.quant:  # lossy: --from must know it
+            run_info["quant"] = self.plan.quant
         return [GenerationResult(im, {**valid.record(i), **run_info}) for i, im in enumerate(images)]
 
 
