@@ -438,3 +438,25 @@ def test_serve_command_refuses_an_open_host_without_tokens(tmp_path, monkeypatch
     assert "auth can be off only on localhost" in capsys.readouterr().err
     (tmp_path / "t.txt").write_text("short\n")
     assert main(["serve", "--token-file", str(tmp_path / "t.txt"), "--data-dir", str(tmp_path)]) == 2
+
+
+def test_c2pa_signed_results_verify_with_references_as_ingredients(tmp_path):
+    from fluxrt.safety.provenance import make_test_ca, verify
+
+    chain, key = make_test_ca(tmp_path / "ca")
+    with TestClient(make_app(tmp_path / "data", c2pa_cert=chain, c2pa_key=key)) as c:
+        wait_ready(c)
+        files = [("image[]", ("a.png", png_bytes(), "image/png")), ("image[]", ("b.png", png_bytes(seed=1), "image/png"))]
+        job = wait_job(c, c.post("/v1/jobs", data={**JOB, "prompt": "combine them"}, files=files).json()["id"])
+        assert job["status"] == "succeeded", job
+        data = c.get(job["images"][0]).content
+    report = verify(data, tmp_path / "ca" / "ca.pem")
+    assert report["valid"] and report["trusted"] and report["model"] == "fluxrt-shapes"
+    assert len(report["ingredients"]) == 2
+
+
+def test_c2pa_config_needs_both_files(tmp_path):
+    with pytest.raises(ValueError, match="both a certificate and a key"):
+        ServiceConfig(data_dir=tmp_path, c2pa_cert=tmp_path / "chain.pem")
+    with pytest.raises(ValueError, match="is not a file"):
+        ServiceConfig(data_dir=tmp_path, c2pa_cert=tmp_path / "chain.pem", c2pa_key=tmp_path / "k.pem")

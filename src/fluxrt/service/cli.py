@@ -7,6 +7,7 @@ fluxrt serve --text-encoder-only --port 8001          # prompt embeddings for `-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 SERVE_EXAMPLES = """\
@@ -51,6 +52,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a token")
     p.add_argument("--text-encoder-only", action="store_true", help="serve prompt embeddings only "
                    "(POST /v1/text/embeddings), for fluxrt generate --text-encoder-url")  # fmt: skip
+    p.add_argument("--c2pa-cert", metavar="PEM", help="certificate chain that signs a C2PA manifest into every result "
+                   "(also $FLUXRT_C2PA_CERT; with --c2pa-key)")
+    p.add_argument("--c2pa-key", metavar="PEM", help="the signer's private key (also $FLUXRT_C2PA_KEY)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)
 
@@ -74,7 +78,9 @@ def config_from_args(args):
                          model=args.model, device=args.device, dtype=dtype, limits=limits,
                          queue_size=args.queue_size, max_batch=args.max_batch, job_timeout_s=args.timeout,
                          max_job_timeout_s=args.max_timeout, previews=not args.no_previews, safety=args.safety,
-                         text_encoder_only=args.text_encoder_only, public_metrics=args.public_metrics)  # fmt: skip
+                         text_encoder_only=args.text_encoder_only, public_metrics=args.public_metrics,
+                         c2pa_cert=args.c2pa_cert or os.environ.get("FLUXRT_C2PA_CERT"),
+                         c2pa_key=args.c2pa_key or os.environ.get("FLUXRT_C2PA_KEY"))  # fmt: skip
 
 
 def cmd_serve(args) -> int:

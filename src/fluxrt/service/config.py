@@ -67,12 +67,21 @@ class ServiceConfig:
     public_metrics: bool = False  # serve /metrics without a token
     url_ttl_s: int = 3600  # lifetime of signed result URLs
     retry_after_s: int | None = None  # Retry-After of a 429; None: estimated from recent job times
+    c2pa_cert: Path | None = None  # certificate chain (PEM) that signs a C2PA manifest into every result
+    c2pa_key: Path | None = None  # its private key (PEM); both or neither
 
     def __post_init__(self):
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "tokens", tuple(self.tokens))
         for t in self.tokens:
             check_token(t)
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ValueError(f"C2PA signing needs both a certificate and a key, got cert={self.c2pa_cert!r} "
+                             f"key={self.c2pa_key!r}")  # fmt: skip
+        for name in ("c2pa_cert", "c2pa_key"):
+            f = getattr(self, name)
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{name} {str(f)!r} is not a file")
         if not self.tokens and not is_loopback(self.host):
             raise ValueError(f"host {self.host!r} is not a loopback address: auth can be off only on localhost; "
                              f"give tokens (--token-file or ${ENV_TOKENS})")  # fmt: skip

@@ -275,6 +275,9 @@ class Worker:
                 log.exception("job %s could not be completed", job.id)
                 self._fail(job, f"finishing the job failed: {type(e).__name__}: {e}", "server_error")
 
+    def _signer(self, record: dict, refs):
+        return c2pa_signer(self.config, record, refs)
+
     def _complete(self, job: Job, valid: ValidRequest, images, deadline: float) -> None:
         if self.hub.cancelled(job.id):
             return self._finish(job, "cancelled", "cancelled while running")
@@ -292,8 +295,21 @@ class Worker:
                                   "content_policy_violation")  # fmt: skip
             finals.append(out)
         for i, (im, rec) in enumerate(zip(finals, records)):
-            save_image(im, self.paths.result(job.id, i), rec, "png", overwrite=True)  # atomic; a rerun rewrites
+            sign = self._signer(rec, valid.samples[i].refs)
+            save_image(im, self.paths.result(job.id, i), rec, "png", overwrite=True, sign=sign)  # atomic
         self._finish(job, "succeeded", records=records)
+
+
+def c2pa_signer(config, record: dict, refs):
+    """`sign(bytes, fmt)` embedding a C2PA manifest (AI-generated, the model, references as ingredients), or None
+    when the deployment has no certificate."""
+    if config.c2pa_cert is None:
+        return None
+    from ..safety import provenance
+
+    info = provenance.ManifestInfo(str(record.get("model", "unknown model")), ingredients=tuple(refs))
+    signer = provenance.SignerFiles(Path(config.c2pa_cert), Path(config.c2pa_key))
+    return lambda data, fmt: provenance.sign(data, fmt, info, signer)
 
 
 class Paths:
