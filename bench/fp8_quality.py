@@ -1,11 +1,12 @@
-"""PSNR of fp8 images against the unquantized model's: the embedded default model on shapes-world prompts.
+"""PSNR of quantized (fp8, nf4, int4) images against the unquantized model's: the embedded model, shapes prompts.
 
     python bench/fp8_quality.py --n 16 --size 256 --out bench/results/fp8_quality.json     # CPU: reference fp8
     PYTHONPATH=src python bench/fp8_quality.py --device cuda --out $OUT/fp8_quality.json     # GPU: scaled_mm, bf16
 
 N captions of the shapes world (`fluxrt.world.sample_captioned`, seeds 0..N-1, the training distribution), one
 image each (seed i, the model's default steps and guidance), made by the same pipeline three times: unquantized,
-fp8 with the default layer choice (`quantize_transformer`, FP8_SKIP) and fp8 on every block Linear (DEFAULT_SKIP).
+fp8 with the default layer choice (`quantize_transformer`, FP8_SKIP), fp8 on every block Linear (DEFAULT_SKIP),
+and the 4-bit weight-only schemes nf4 and int4 (`fluxrt.quant.quantize`, their default skip).
 On the CPU the fp8 layers use the reference product (both operands rounded to e4m3, fp32 matmul), the exact
 emulation of the GPU kernel's rounding; on a GPU they run `torch._scaled_mm`. Reports PSNR (uint8 RGB, peak 255)
 of each fp8 image against the unquantized one: mean, median, min. The issue's target: PSNR >= 30 dB.
@@ -26,11 +27,17 @@ import numpy as np
 import torch
 
 from fluxrt.pipeline import Pipeline
+from fluxrt.quant import quantize
 from fluxrt.quant.fp8 import DEFAULT_SKIP, FP8_SKIP, quantize_transformer
 from fluxrt.request import Sample
 from fluxrt.world import sample_captioned
 
-VARIANTS = {"fp8": FP8_SKIP, "fp8-all": DEFAULT_SKIP}
+VARIANTS = {
+    "fp8": lambda m: quantize_transformer(m, FP8_SKIP),
+    "fp8-all": lambda m: quantize_transformer(m, DEFAULT_SKIP),
+    "nf4": lambda m: quantize(m, "nf4"),
+    "int4": lambda m: quantize(m, "int4"),
+}
 
 
 def psnr(a, b) -> float:
@@ -59,8 +66,7 @@ def main(argv=None):
     samples = [Sample(p, seed=i) for i, p in enumerate(prompts)]
     exact_model, images, seconds = pipe.transformer, {}, {}
     for name in ("exact", *VARIANTS):
-        pipe.transformer = exact_model if name == "exact" else quantize_transformer(copy.deepcopy(exact_model),
-                                                                                    VARIANTS[name])  # fmt: skip
+        pipe.transformer = exact_model if name == "exact" else VARIANTS[name](copy.deepcopy(exact_model))
         t0 = time.perf_counter()
         images[name] = pipe.generate(samples, args.size, args.size, steps, guidance)
         seconds[name] = time.perf_counter() - t0
