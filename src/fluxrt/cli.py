@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .config import MISTRAL_SMALL, PRESETS, ModelSpec
+from .config import PRESETS, ModelSpec
 from .outputs import format_for, is_folder, output_paths, read_exif_tags, read_metadata, save_image
 from .request import GenerationRequest, RequestError, validate
 
@@ -307,38 +307,16 @@ def _c2pa_signer(args, record: dict, valid):
         raise RequestError("C2PA signing needs both --c2pa-cert and --c2pa-key (or $FLUXRT_C2PA_CERT and _KEY)")
     if valid.output_format not in ("png", "jpeg"):
         raise RequestError(f"C2PA signing supports png and jpeg, not {valid.output_format!r}")
-    from pathlib import Path
-
-    from .safety import provenance
+    from .safety.provenance import signer_for
 
     refs = tuple(im for s in valid.samples[:1] for im in s.refs)
-    info = provenance.ManifestInfo(str(record.get("model", "unknown model")), ingredients=refs)
-    signer = provenance.SignerFiles(Path(cert), Path(key))
-    return lambda data, fmt: provenance.sign(data, fmt, info, signer)
+    return signer_for(cert, key, str(record.get("model", "unknown model")), refs)
 
 
 def _safety_guard(spec: ModelSpec, mode: str):
-    """The SafetyGuard of the model's default policy (fluxrt.safety); `filters-off` keeps watermark and tags only."""
-    from .safety import SafetyGuard, SafetyPolicy
+    from .safety import guard_for
 
-    policy = SafetyPolicy.default_for(spec.name if spec.name.startswith(("flux.2", "fluxrt")) else "flux.2-dev")
-    if mode == "filters-off":
-        policy = policy.replace(nsfw=False, ip_check=False)
-    # C2PA signing is not yet part of the CLI's save path (fluxrt.safety.provenance.sign does it from Python).
-    policy = policy.replace(c2pa=False, c2pa_cert=None, c2pa_key=None)
-    content_filter = None
-    if policy.ip_check:
-        from .safety.ip_check import load_content_filter
-
-        try:
-            content_filter = load_content_filter(MISTRAL_SMALL.repo_id)
-        except Exception as e:  # no local chat model: say what is missing and how to proceed
-            raise RequestError(f"the copyright/public-figure filter needs {MISTRAL_SMALL.repo_id} in the local "
-                               f"Hugging Face cache ({e}); or pass --safety filters-off") from None  # fmt: skip
-    try:
-        return SafetyGuard(policy, content_filter=content_filter)
-    except (ValueError, ImportError) as e:
-        raise RequestError(f"safety policy of {spec.name}: {e}") from None
+    return guard_for(spec, mode)
 
 
 # ------------------------------------------------------------------------------------------- info, models

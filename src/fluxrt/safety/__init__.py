@@ -11,6 +11,6 @@ The heavy dependencies (invisible-watermark, opencv, c2pa-python, onnxruntime) c
 imported on first use.
 """
 
-from fluxrt.safety.policy import Decision, SafetyGuard, SafetyPolicy
+from fluxrt.safety.policy import Decision, SafetyGuard, SafetyPolicy, guard_for
 
-__all__ = ["Decision", "SafetyGuard", "SafetyPolicy"]
+__all__ = ["Decision", "SafetyGuard", "SafetyPolicy", "guard_for"]

@@ -171,3 +171,32 @@ class SafetyGuard:
         refs = tuple(meta.get("references", ()))
         info = provenance.ManifestInfo(model, meta.get("title"), refs, metadata=self.policy.metadata)
         return provenance.sign(img, fmt, info, self.signer)
+
+
+def guard_for(spec, mode: str = "default") -> SafetyGuard:
+    """The SafetyGuard of a model's default policy, as `fluxrt generate` and `fluxrt serve` apply it.
+
+    mode "filters-off" keeps the watermark and tags only. C2PA is off in the guard: the callers sign the final
+    file bytes at save time (`provenance.signer_for`). A policy that needs the dev chat model raises a RequestError
+    naming it when it is not in the local Hugging Face cache.
+    """
+    from ..config import MISTRAL_SMALL
+    from ..request import RequestError
+
+    policy = SafetyPolicy.default_for(spec.name if spec.name.startswith(("flux.2", "fluxrt")) else "flux.2-dev")
+    if mode == "filters-off":
+        policy = policy.replace(nsfw=False, ip_check=False)
+    policy = policy.replace(c2pa=False, c2pa_cert=None, c2pa_key=None)
+    content_filter = None
+    if policy.ip_check:
+        from .ip_check import load_content_filter
+
+        try:
+            content_filter = load_content_filter(MISTRAL_SMALL.repo_id)
+        except Exception as e:  # no local chat model: say what is missing and how to proceed
+            raise RequestError(f"the copyright/public-figure filter needs {MISTRAL_SMALL.repo_id} in the local "
+                               f"Hugging Face cache ({e}); or pass --safety filters-off") from None  # fmt: skip
+    try:
+        return SafetyGuard(policy, content_filter=content_filter)
+    except (ValueError, ImportError) as e:
+        raise RequestError(f"safety policy of {spec.name}: {e}") from None

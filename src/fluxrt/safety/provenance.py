@@ -283,6 +283,14 @@ def sign(image: ImageSource, fmt: str | None, manifest_info: ManifestInfo, signe
     return out.getvalue()
 
 
+def signer_for(cert: str | Path, key: str | Path, model: str, references=()):
+    """`sign(file_bytes, fmt) -> file_bytes` for `outputs.save_image`: a C2PA manifest declaring AI generation by
+    `model`, with the reference images as ingredients, signed with the PEM chain `cert` and its `key`."""
+    info = ManifestInfo(model, ingredients=tuple(references))
+    signer = SignerFiles(Path(cert), Path(key))
+    return lambda data, fmt: sign(data, fmt, info, signer)
+
+
 def _pem_text(anchors: str | Path | bytes) -> str:
     if isinstance(anchors, bytes):
         return anchors.decode()

@@ -92,7 +92,7 @@ def _secret(data_dir: Path) -> bytes:
 
 class JobService:
     def __init__(self, config):
-        from .safety import service_guard
+        from ..safety import guard_for
 
         self.config = config
         self.started_at = time.time()
@@ -114,7 +114,7 @@ class JobService:
             if any(recovered.values()):
                 log.warning("jobs left running by a stopped server: %s", recovered)
             self.spec = self._spec()
-            self.guard = config.guard if config.guard is not None else service_guard(self.spec, config.safety)
+            self.guard = config.guard if config.guard is not None else guard_for(self.spec, config.safety)
             self.worker = Worker(config, self.store, self.hub, self.spec, self.guard, self.metrics, self.paths)
         except BaseException:
             self.close()

@@ -276,7 +276,12 @@ class Worker:
                 self._fail(job, f"finishing the job failed: {type(e).__name__}: {e}", "server_error")
 
     def _signer(self, record: dict, refs):
-        return c2pa_signer(self.config, record, refs)
+        """The C2PA signer of one result, or None when the deployment has no certificate."""
+        if self.config.c2pa_cert is None:
+            return None
+        from ..safety.provenance import signer_for
+
+        return signer_for(self.config.c2pa_cert, self.config.c2pa_key, str(record.get("model", "unknown model")), refs)
 
     def _complete(self, job: Job, valid: ValidRequest, images, deadline: float) -> None:
         if self.hub.cancelled(job.id):
@@ -298,18 +303,6 @@ class Worker:
             sign = self._signer(rec, valid.samples[i].refs)
             save_image(im, self.paths.result(job.id, i), rec, "png", overwrite=True, sign=sign)  # atomic
         self._finish(job, "succeeded", records=records)
-
-
-def c2pa_signer(config, record: dict, refs):
-    """`sign(bytes, fmt)` embedding a C2PA manifest (AI-generated, the model, references as ingredients), or None
-    when the deployment has no certificate."""
-    if config.c2pa_cert is None:
-        return None
-    from ..safety import provenance
-
-    info = provenance.ManifestInfo(str(record.get("model", "unknown model")), ingredients=tuple(refs))
-    signer = provenance.SignerFiles(Path(config.c2pa_cert), Path(config.c2pa_key))
-    return lambda data, fmt: provenance.sign(data, fmt, info, signer)
 
 
 class Paths:
