@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxrt.config import TINY, AutoEncoderConfig, TransformerConfig
+from fluxrt.config import TINY, AutoEncoderConfig, TransformerConfig, get_preset
 from fluxrt.models.autoencoder import AutoEncoder
 from fluxrt.models.transformer import Flux2
 
@@ -28,6 +28,17 @@ TINY_TRANSFORMER = TransformerConfig(
     axes_dim=(4, 4, 4, 4), use_guidance_embed=True,
 )  # fmt: skip
 TINY_AE = AutoEncoderConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8)
+
+
+def bench_init_flux2(name: str = "tiny", seed: int = 0) -> Flux2:
+    """A preset's transformer with the benchmarks' random init: matrices normal(0, 1/fan_in), norm scales 1
+    (fp32, CPU); the fp8 and quantization error tests measure on it."""
+    model = Flux2(get_preset(name).transformer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    return model.eval()
 
 
 @torch.no_grad()

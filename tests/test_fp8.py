@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from fluxrt.config import get_preset
-from fluxrt.models.transformer import Flux2
+from conftest import bench_init_flux2
+
 from fluxrt.quant.fp8 import (
     DEFAULT_SKIP,
     E4M3,
@@ -96,16 +96,6 @@ def test_fp8_linear_rejects_bad_dims_and_impls():
         Fp8Linear(32, 32, impl="cublas")
     with pytest.raises(ValueError, match="unknown fp8 impl"):
         quantize_transformer(nn.Sequential(nn.Linear(32, 32)), impl="fast")
-
-
-def bench_init_flux2(name: str = "tiny", seed: int = 0) -> Flux2:
-    """The benchmark's random init: matrices normal(0, 1/fan_in), norm scales 1 (fp32, CPU)."""
-    model = Flux2(get_preset(name).transformer)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-    return model.eval()
 
 
 def tiny_inputs(cfg, refs: int, times=(0.1, 0.5, 0.9), side: int = 8, n_txt: int = 16, seed: int = 1):

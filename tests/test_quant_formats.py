@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from fluxrt.config import get_preset
-from fluxrt.models.transformer import Flux2
+from conftest import bench_init_flux2
+
 from fluxrt.quant import (
     DEFAULT_SKIP,
     SCHEMES,
@@ -164,16 +164,6 @@ def test_gguf_linear_forward():
 
 
 # ---------------------------------------------------------------------------------------- quantize(model, ...)
-def bench_init_flux2(name: str = "tiny", seed: int = 0) -> Flux2:
-    """Matrices normal(0, 1/fan_in), norm scales 1 (the benchmark's init; fp32, CPU)."""
-    model = Flux2(get_preset(name).transformer)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.ones_like(p) if p.ndim == 1 else torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-    return model.eval()
-
-
 def tiny_inputs(cfg, times=(0.1, 0.5, 0.9), side: int = 8, n_txt: int = 16, seed: int = 1):
     g, b = torch.Generator().manual_seed(seed), len(times)
     x = torch.randn(1, side * side, cfg.in_channels, generator=g).expand(b, -1, -1)
