@@ -211,17 +211,26 @@ def layer_kinds(bfl_shapes: dict) -> dict[str, str]:
     return kinds
 
 
+def _linear_slot(model: nn.Module, layer: str) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, attribute, the plain nn.Linear) at dotted name `layer`, or None when there is none there (left for
+    `check_keys` to report)."""
+    parent_name, _, child = layer.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    lin = getattr(parent, child, None)
+    return (parent, child, lin) if type(lin) is nn.Linear else None
+
+
 def build_shells(model: nn.Module, kinds: dict, shapes: dict, quant_type: str = "nf4") -> None:
     """Swap each listed nn.Linear of a meta model for an empty quantized layer; unknown names are left for
     `check_keys` to report."""
     for layer, kind in kinds.items():
-        parent_name, _, child = layer.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-        except AttributeError:
+        slot = _linear_slot(model, layer)
+        if slot is None:
             continue
-        if type(getattr(parent, child, None)) is not nn.Linear:
-            continue
+        parent, child, _ = slot
         try:
             q = _shell(kind, shapes, layer, quant_type)
         except ValueError as e:
@@ -389,14 +398,10 @@ def _swap_gguf(model: nn.Module, layers: dict) -> None:
     from ..quant.gguf import GgufLinear
 
     for layer, t in layers.items():
-        parent_name, _, child = layer.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name)
-        except AttributeError:
-            continue
-        lin = getattr(parent, child, None)
-        if type(lin) is not nn.Linear or lin.in_features != t.shape[1]:
+        slot = _linear_slot(model, layer)
+        if slot is None or slot[2].in_features != t.shape[1]:
             continue  # left for check_keys to report
+        parent, child, _ = slot
         try:
             setattr(parent, child, GgufLinear(t.shape[1], t.shape[0], t.qtype, device="meta"))
         except ValueError as e:
