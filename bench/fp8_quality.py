@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import platform
 import statistics
@@ -25,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from common import write_json  # bench/ is on sys.path when run as a script
 
 from fluxrt.pipeline import Pipeline
 from fluxrt.quant import quantize
@@ -80,9 +80,7 @@ def main(argv=None):
               f"min {res[name]['min_db']:.2f}")  # fmt: skip
     res.update(torch=torch.__version__, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                date=datetime.date.today().isoformat())  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from common import write_json  # bench/ is on sys.path when run as a script
 
 from fluxrt.cli import _load, build_parser, request_from_args
 from fluxrt.parallel import nccl_env
@@ -68,9 +69,7 @@ def main(argv=None):
            "card": torch.cuda.get_device_name() if kind == "cuda" else "cpu", "torch": torch.__version__,
            "nccl_env": nccl_env(), "rows": rows}  # fmt: skip
     print(json.dumps(res, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":
