@@ -276,7 +276,9 @@ def cmd_generate(args) -> int:
 
     launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
     pipe = None if launch.parallel else _load(ref, args, record)
-    guard = _safety_guard(ref.spec, args.safety) if launch.is_main else None
+    from .safety import guard_for
+
+    guard = guard_for(ref.spec, args.safety) if launch.is_main else None
     progress = Progress(enabled=pipe is not None and not args.quiet and sys.stderr.isatty())
     try:
         results = pipe.run(valid, on_step=progress) if pipe is not None else launch.run(ref, args, valid, record)
@@ -311,12 +313,6 @@ def _c2pa_signer(args, record: dict, valid):
 
     refs = tuple(im for s in valid.samples[:1] for im in s.refs)
     return signer_for(cert, key, str(record.get("model", "unknown model")), refs)
-
-
-def _safety_guard(spec: ModelSpec, mode: str):
-    from .safety import guard_for
-
-    return guard_for(spec, mode)
 
 
 # ------------------------------------------------------------------------------------------- info, models
