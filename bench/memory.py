@@ -73,7 +73,7 @@ DRY_SPECS = {
                                       transformer=dataclasses.replace(DRY_TRANSFORMER, use_guidance_embed=False),
                                       text_encoder=dataclasses.replace(TINY_TEXT, repo_id="bench-tiny-qwen3")),
 }  # fmt: skip
-DRY_CASES = "tiny:60MB:fp8+te,tiny:30MB:int4,tiny:35MB:fp8,tiny:25MB:auto,tiny-klein:50MB:auto"
+DRY_CASES = "tiny:60MB:fp8+te,tiny:30MB:int4,tiny:35MB:fp8,tiny:18MB:auto,tiny-klein:50MB:auto"
 TINY_QWEN3_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
                    "head_dim": 8, "vocab_size": 128, "rms_norm_eps": 1e-6, "max_position_embeddings": 256}  # fmt: skip
 

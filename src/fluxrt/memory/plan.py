@@ -93,18 +93,18 @@ def check_scheme(scheme: str | None, schemes: tuple[str, ...] | None = None) -> 
 
 # ------------------------------------------------------------------------------------------------ sizes
 def four_bit_costs(scheme: str, cuda: bool) -> tuple[float, float]:
-    """(bits per weight on the device, bytes per element of the temporaries of one layer's product) of
-    fluxrt.quant's 4-bit layers as they run today (the benchmark records measured peaks beside these):
-    nf4: 4-bit codes + an fp32 absmax per 64 (4.5 bits); without bitsandbytes its product dequantizes the whole
-        weight through int64 indices and fp32 values (about 13 bytes per weight element at the peak).
-    int4: codes + bf16 scale and zero per 128 (4.25 bits); on CUDA the tinygemm kernel keeps a repacked copy of
-        the codes beside them (8.25 bits) and needs no dequantized weight; elsewhere it dequantizes (16 bytes).
+    """(bits per weight on the device, bytes per element of the largest layer's weight for the temporaries of
+    one product) of fluxrt.quant's 4-bit layers as they run today (the benchmark records measured peaks beside):
+    nf4: 4-bit codes + an fp32 absmax per 64 (4.5 bits); bitsandbytes dequantizes the whole weight to bf16
+        (2 bytes); without it the product dequantizes row chunks of about 8M weights (~100 MB), under 2 bytes
+        per element of any dev layer.
+    int4: codes + bf16 scale and zero per 128 (4.25 bits); on CUDA a resident layer keeps only tinygemm's
+        repacked copy, a streamed one builds it for the call (half a byte per weight of the layer); elsewhere
+        it dequantizes (16 bytes).
     """
     if scheme == "nf4":
-        from ..quant.nf4 import bnb_available
-
-        return 4.5, 2.0 if cuda and bnb_available() else 13.0
-    return (8.25, 0.0) if cuda else (4.25, 16.0)
+        return 4.5, 2.0
+    return (4.25, 0.5) if cuda else (4.25, 16.0)
 
 
 def linear_bytes(n_out: int, n_in: int, scheme: str | None, elt: int, cuda: bool = True) -> float:
@@ -146,8 +146,6 @@ def _quantized_block(block: nn.Module, scheme: str | None, elt: int, cuda: bool)
         return _module_bytes(block, scheme, elt, cuda), largest
     total = float(sum(t.numel() * t.element_size() for t in (*q.parameters(), *q.buffers())))
     quantized = [m for m in q.modules() if not isinstance(m, nn.Linear) and hasattr(m, "in_features")]
-    if scheme == "int4" and cuda:  # tinygemm's repacked copy of the codes (see four_bit_costs)
-        total += sum(m.weight.numel() for m in quantized)
     return total, max((m.in_features * m.out_features for m in quantized), default=0)
 
 

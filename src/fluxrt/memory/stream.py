@@ -196,6 +196,8 @@ class BlockStreamer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.persistent = persistent
+        for m in _cache_holders([model, *blocks]):
+            m.release_cache()  # a layer that ran resident may hold its codes only in its kernel's copy: get them back
         keep = set(resident_indices(len(blocks), resident))
         for i in sorted(keep):
             _unpark(blocks[i], self.device)
@@ -203,16 +205,21 @@ class BlockStreamer:
         self.resident = [blocks[i] for i in sorted(keep)]
         self.parked = [park(b, pin=self.cuda) for b in self.blocks]
         self.host_views = [p.views(p.host) for p in self.parked]
-        # Int4Linear keeps a repacked copy of its codes for the tinygemm kernel (`_packed`), built at its first
-        # call: on a streamed block that copy would stay on the device, so it is dropped after every forward.
-        self.caches = [[m for m in b.modules() if hasattr(m, "_packed")] for b in self.blocks]
+        # Layers with a device cache built from their weights at their first call (Int4Linear's repacked copy of
+        # its codes for the tinygemm kernel): on a streamed block that copy would stay on the device, so it is
+        # released after every forward, and the layer keeps its codes, which the hooks rebind every call.
+        self.caches = [_cache_holders([b]) for b in self.blocks]
         self.rest = None  # persistent=False: the tensors outside the blocks, parked as one more buffer
+        self.rest_caches: list[nn.Module] = []  # persistent=False: the cache holders among them, released likewise
         if persistent:
             for m in _outside(model, blocks):
                 m._apply(functools.partial(_to_device, device=self.device), recurse=False)
         else:
             found = [t for m in _outside(model, blocks) for t in _tensors_of(m)]
             self.rest = ParkedBlock(found, pin=self.cuda) if found else None
+            self.rest_caches = [m for m in _outside(model, blocks) if _holds_cache(m)]
+        for m in [*self.rest_caches, *(m for ms in self.caches for m in ms)]:
+            m.keep_codes = True
         n = len(self.blocks)
         self.num_slots = min(max(prefetch, 0) + 1, n)
         self.prefetch = self.num_slots - 1
@@ -345,7 +352,7 @@ class BlockStreamer:
                 self.free[s].record(torch.cuda.current_stream(self.device))
             self.parked[k].bind(self.host_views[k])  # at rest the block reads its host buffer
             for m in self.caches[k]:
-                m._packed = None
+                m.release_cache()
 
         return hook
 
@@ -363,6 +370,8 @@ class BlockStreamer:
     def _exit(self, module, args, kwargs, output):
         if self.rest is not None:
             self.rest.bind(self.rest.views(self.rest.host))
+        for m in self.rest_caches:
+            m.release_cache()
         self.release()
 
     def remove(self) -> None:
@@ -381,6 +390,17 @@ def _tensors_of(m: nn.Module):
     for name, t in m._buffers.items():
         if t is not None:
             yield m, name, t, False
+
+
+def _holds_cache(m: nn.Module) -> bool:
+    """A layer that keeps a device cache derived from its weights: it has `release_cache()` (drop the cache, its
+    weights stay usable) and `keep_codes` (True: never free its weights in favour of the cache)."""
+    return callable(getattr(m, "release_cache", None)) and hasattr(m, "keep_codes")
+
+
+def _cache_holders(roots: list[nn.Module]) -> list[nn.Module]:
+    """The cache holders under `roots`, each once."""
+    return list({id(m): m for r in roots for m in r.modules() if _holds_cache(m)}.values())
 
 
 def _refresh_modules(modules) -> None:

@@ -34,7 +34,7 @@ SCALES = {
     "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 280),
                  student=(20000, 90), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
-                  batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
+                  batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
 
@@ -46,6 +46,7 @@ class Run:
     scale: dict
     seed: int = 0
     workers: int = 1
+    compile: bool = False  # torch.compile the teacher's training steps
     _cache: dict = dataclasses.field(default_factory=dict)
 
     def log(self, msg: str) -> None:
@@ -80,7 +81,7 @@ def stage_text(run: Run) -> None:
     corpus = sorted({ex.prompt for ex in run.examples()})
     tok = text.build_tokenizer(corpus, SHAPES.text_encoder.max_length)
     lm = text.build_lm(len(tok), SHAPES.text_encoder.hidden_size, max(SHAPES.text_encoder.output_layers), run.seed)
-    batch = 256 if run.scale is SCALES["full"] else 4
+    batch = run.scale.get("lm_batch", 256)
     lm, loss = text.pretrain_lm(lm, tok, corpus, run.budget("lm"), batch, run.device, seed=run.seed, log=run.log)
     out = run.workdir / "text_encoder"
     lm.to(torch.float32).save_pretrained(out)
@@ -139,7 +140,7 @@ def stage_teacher(run: Run) -> None:
         model = load_flow(run, "teacher.safetensors", teacher_config()).requires_grad_(True)
         run.log("teacher: resuming from teacher.safetensors")
     ema = flow.train_teacher(model, latent_set(run), run.budget("teacher"), run.scale["batch"], lr=run.scale["lr"],
-                             seed=run.seed, log=run.log)  # fmt: skip
+                             seed=run.seed, log=run.log, compile=run.compile)  # fmt: skip
     save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "teacher.safetensors")
 
 
@@ -189,12 +190,27 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seconds", default="", metavar="STAGE=S,...",
+                    help="override a stage's wall-time budget, e.g. teacher=330,student=120")  # fmt: skip
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile the flow training steps (auto: on CUDA)")  # fmt: skip
     args = ap.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise SystemExit(f"unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
-    run = Run(Path(args.workdir), torch.device(args.device), SCALES[args.scale], args.seed, args.workers)
+    scale = dict(SCALES[args.scale])
+    for item in filter(None, args.seconds.split(",")):
+        stage, _, sec = item.partition("=")
+        if stage not in scale or not isinstance(scale[stage], tuple):
+            raise SystemExit(f"--seconds: unknown stage {stage!r} in {item!r}")
+        try:
+            scale[stage] = (scale[stage][0], float(sec))
+        except ValueError:
+            raise SystemExit(f"--seconds: {sec!r} is not a number of seconds (in {item!r})") from None
+    device = torch.device(args.device)
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    run = Run(Path(args.workdir), device, scale, args.seed, args.workers, compile)
     run.workdir.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     for s in stages:
