@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     for v in args.variants:
         compile = v == "compile"
 
-        def teach(budget):
+        def teach(budget, compile=compile):
             model = Flux2(shapes.teacher_config()).to(run.device)
             model.load_state_dict(teacher.state_dict())
             flow.train_teacher(model, data, budget, scale["batch"], lr=scale["lr"], log=lambda m: None,

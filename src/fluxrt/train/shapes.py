@@ -170,11 +170,19 @@ def stage_eval(run: Run) -> None:
 
 
 def stage_export(run: Run) -> None:
-    """Write the shipped files: flow (bf16), ae (fp32), text_encoder/ (fp32 LM + tokenizer)."""
+    """Write the shipped files, with the metadata the loader reads: flow (bf16), ae (fp32), text_encoder/ (fp32 LM
+    + tokenizer). The contents of `export/` are what `src/fluxrt/assets/fluxrt-shapes/` holds."""
+    from ..loading.save import save_bfl
+
     out = run.workdir / "export"
     out.mkdir(exist_ok=True)
-    save_file(load_file(run.workdir / "flow.safetensors"), out / "flow.safetensors", metadata={"fluxrt": SHAPES.name})
-    save_file(load_file(run.workdir / "ae.safetensors"), out / "ae.safetensors")
+    meta = {"model": SHAPES.name, "trained_by": "python -m fluxrt.train.shapes"}
+    flow_model = Flux2(SHAPES.transformer).to(torch.bfloat16)
+    flow_model.load_state_dict(load_file(run.workdir / "flow.safetensors"), strict=True)
+    save_bfl(flow_model, out / "flow.safetensors", meta)
+    ae = AutoEncoder(SHAPES.autoencoder)
+    ae.load_state_dict(load_file(run.workdir / "ae.safetensors"), strict=True)
+    save_bfl(ae, out / "ae.safetensors", meta)
     te = run.workdir / "text_encoder"
     (out / "text_encoder").mkdir(exist_ok=True)
     for f in te.iterdir():
