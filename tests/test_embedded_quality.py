@@ -1,10 +1,12 @@
 """The shipped embedded model, through the public pipeline on the CPU, judged by the shapes-world evaluator.
 
 Held-out prompts (colour/shape pairs never seen in training) and held-out edits. The assertions cover what the
-shipped weights do reliably (measured in bench/EMBEDDED_MODEL.md): background, object count and grid position
-of text-to-image samples, and the background of edits. A broken loader, text encoder, schedule or decoder
-makes the evaluator parse noise or the wrong scene and fails them. Exact match (every attribute right) is far
-below the issue's targets and is not asserted here.
+shipped weights do reliably (measured in bench/EMBEDDED_MODEL.md: on 12 held-out samples per set on this CPU,
+every attribute but the shape was right on all text-to-image samples, and 10/12 edits were exactly right):
+background, object count, colour, size and grid position of text-to-image samples; background, colours and
+the exact scene of most edits. A broken loader, text encoder, schedule or decoder makes the evaluator parse
+noise or the wrong scene and fails them. The shape of a held-out (colour, shape) pair is where the model still
+fails (3/12) and is not asserted.
 """
 
 from __future__ import annotations
@@ -33,14 +35,13 @@ def verdicts():
     return out
 
 
-def test_text_to_image_follows_background_count_and_position(verdicts):
+def test_text_to_image_follows_background_count_colour_size_and_position(verdicts):
     rows = verdicts["t2i_single"]
-    assert all(r["background"] for r in rows), rows
-    assert all(r["count"] for r in rows), rows
-    assert all(r["position"] == 1.0 for r in rows), rows
+    for attribute in ("background", "count", "colour", "size", "position"):
+        assert all(r[attribute] == 1.0 for r in rows), (attribute, rows)
 
 
-def test_edits_keep_the_scene(verdicts):
+def test_edits_are_applied_and_keep_the_scene(verdicts):
     rows = verdicts["edit"]
-    assert all(r["background"] for r in rows), rows
-    assert sum(r["position"] for r in rows) / len(rows) >= 0.6, rows
+    assert all(r["background"] and r["colour"] == 1.0 for r in rows), rows
+    assert sum(r["exact"] for r in rows) >= 3, rows

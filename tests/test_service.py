@@ -9,6 +9,7 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -131,8 +132,10 @@ def test_compatible_jobs_run_as_one_batch_with_unbatched_results(tmp_path):
         assert "fluxrt_batches_total 2" in metrics and "fluxrt_batch_images_total 4" in metrics
         batched = c.get(jobs[1]["images"][0]).content
         alone = wait_job(c, c.post("/v1/jobs", data={**JOB, "seed": "2"}).json()["id"])
-        assert Image.open(io.BytesIO(c.get(alone["images"][0]).content)).tobytes() == \
-            Image.open(io.BytesIO(batched)).tobytes()  # fmt: skip
+        a = np.asarray(Image.open(io.BytesIO(c.get(alone["images"][0]).content)), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(batched)), dtype=np.int16)
+        # The same image: CPU matmuls of a batch of 3 and of 1 may round differently, so up to one level apart.
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1 and (a != b).mean() < 0.01
 
 
 def test_restart_requeues_interrupted_and_queued_jobs(tmp_path):

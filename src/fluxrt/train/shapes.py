@@ -31,8 +31,8 @@ from .schedule import Budget
 
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
-    "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 280),
-                 student=(20000, 90), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
+    "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 510),
+                 student=(20000, 170), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
                   batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
 }  # fmt: skip
