@@ -137,21 +137,24 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPUs: bf16 matmuls are slow and lossy
 
 
-def _ae_source(root: Path) -> Path | str:
-    """Where the VAE is: the model's file or folder, the folder around a file, else the dev repo in the cache."""
+def _ae_source(root: Path, spec: ModelSpec) -> Path | str:
+    """Where the VAE is: the model's file or folder, the folder around a file, else the preset's own files (the
+    embedded model's, for a converted copy of its transformer), else the dev repo in the cache."""
     for candidate in (root, root.parent) if root.is_file() else (root,):
         try:
             find_component(candidate, "vae")
             return candidate
         except ComponentNotFound:
             continue
-    return AE_REPO_ID
+    return embedded_model_path() if spec.name == EMBEDDED else AE_REPO_ID
 
 
 def _load_text_encoder(root: Path, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     from .models.text_encoder import load_text_encoder  # transformers is imported only when a model is loaded
 
     folder = root if root.is_dir() else root.parent
+    if not (folder / "text_encoder").is_dir() and spec.name == EMBEDDED:  # e.g. `fluxrt convert`'s output alone
+        folder = embedded_model_path()
     if (folder / "text_encoder").is_dir():
         tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else None
         return load_text_encoder(folder / "text_encoder", spec.text_encoder, device=device, dtype=dtype,
@@ -217,7 +220,7 @@ class Pipeline:
         plan = memory_plan(ref.spec, dev, dtype or _default_dtype(dev), quant, vram, offload, plan, compile)
         t_dev, te_load_dev = load_devices(plan, dev, te_dev) if plan else (dev, te_dev)
         transformer, _ = load_transformer(root, t_dev, dtype or _default_dtype(dev), ref.spec)
-        ae = load_autoencoder(_ae_source(root), ae_dev, torch.float32, ref.spec.autoencoder)
+        ae = load_autoencoder(_ae_source(root, ref.spec), ae_dev, torch.float32, ref.spec.autoencoder)
         if text_encoder_url is not None:
             from .service.remote import RemoteTextEncoder  # stdlib HTTP only: no server libraries needed here
 
