@@ -30,12 +30,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fluxrt.accel import compile_transformer
 from fluxrt.config import get_preset
 from fluxrt.models.transformer import Flux2
 from fluxrt.parallel import Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env, parallelize
 from fluxrt.parallel.plan import parse_plan as plan_from_name
 from fluxrt.parallel.sp import SequenceParallel
 from fluxrt.sampling.latents import grid_ids, text_ids
+from fluxrt.quant.fp8 import quantize_transformer
 from fluxrt.sampling.run import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,13 +50,20 @@ def parse_plan(name: str) -> tuple[int, int, str]:
     return plan.sp, plan.tp, plan.attention
 
 
-def build(cfg, mesh: Mesh | None, attn: str, device) -> torch.nn.Module:
-    """Random bf16 model for a plan, sharded on the meta device before any memory is allocated."""
+def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False) -> torch.nn.Module:
+    """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
+    `fluxrt generate --quant fp8 --compile` does, fp8 linears and compiled blocks (collectives as graph breaks)."""
     with torch.device("meta"):
         model = Flux2(cfg)
     if mesh is not None and mesh.tp > 1:
+        if fp8:
+            raise ValueError("--fp8 runs with SP plans and '1' only: TP slices plain nn.Linear weights")
         apply_tensor_parallel(model, mesh.tp_group)
     model = fill_random_(model.to_empty(device=device).to(torch.bfloat16)).eval().requires_grad_(False)
+    if fp8:
+        quantize_transformer(model)
+    if compile:
+        compile_transformer(model, fullgraph=mesh is None)
     return SequenceParallel(model, mesh.sp_group, attn) if mesh is not None and mesh.sp > 1 else model
 
 
@@ -117,7 +126,7 @@ def timed(model, cfg, size: int, steps: int, device) -> dict:
             "peak_mem_gib_rank": _peak_gib(device)}  # fmt: skip
 
 
-def run_plan(name: str, cfg, size: int, steps: int, info) -> dict | None:
+def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False) -> dict | None:
     sp, tp, attn = parse_plan(name)
     if sp * tp not in (1, info.world_size):
         raise ValueError(f"plan {name} needs {sp * tp} ranks, the job has {info.world_size}")
@@ -125,7 +134,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info) -> dict | None:
     res = {"plan": name, "sp": sp, "tp": tp, "attention": attn if sp > 1 else None, "gpus": sp * tp}
     if mesh is not None or info.rank == 0:
         res |= check(cfg, size, mesh, attn, info.device)
-        model = build(cfg, mesh, attn, info.device)
+        model = build(cfg, mesh, attn, info.device, fp8, compile)
         res |= timed(model, cfg, size, steps, info.device)
         del model
         if info.device.type == "cuda":
@@ -140,15 +149,19 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
+    ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; SP plans and '1' only)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "parallel.json"))
     args = ap.parse_args(argv)
+    if args.fp8 and any(parse_plan(p)[1] > 1 for p in args.plans):
+        ap.error(f"--fp8 runs with SP plans and '1' only (TP slices plain nn.Linear weights): {args.plans}")
     info = init_from_env()
     cfg = get_preset(args.model).transformer
     records = []
     for size in args.sizes:
         base = None
         for name in args.plans:
-            res = run_plan(name, cfg, size, args.steps, info)
+            res = run_plan(name, cfg, size, args.steps, info, args.fp8, args.compile)
             if dist.is_initialized():
                 dist.barrier()
             if info.rank == 0:
@@ -159,19 +172,19 @@ def main(argv=None):
                 records.append(res)
     if info.rank == 0:
         with open(args.out, "w") as f:
-            json.dump([r | run_info(info.device) for r in records], f, indent=1)
+            json.dump([r | run_info(info.device, args) for r in records], f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def run_info(device) -> dict:
+def run_info(device, args) -> dict:
     cuda = device.type == "cuda"
     return {
         "card": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "nccl_env": nccl_env(),
-        "date": datetime.date.today().isoformat(), "impl": "fluxrt eager bf16 (SDPA local attention)",
+        "date": datetime.date.today().isoformat(), "impl": f"fluxrt {'compiled' if args.compile else 'eager'} {'fp8' if args.fp8 else 'bf16'} (SDPA local attention)",
     }  # fmt: skip
 
 
