@@ -65,3 +65,33 @@ def test_budget_ignores_slow_first_steps():
     for s in range(1, 4):
         b.update(s)
     assert b.total > 1000  # the fast steps set the pace: ~0.7 s left at ~0 s per step
+
+
+def _latent_set(n=12, side=2, dim=8, txt=3, ctx_dim=5):
+    from fluxrt.train.flow import LatentSet
+
+    idx = torch.arange(n)
+    groups = {0: (idx, torch.zeros(n, 0, dtype=torch.long), idx), 2: (idx, torch.stack([idx, idx.flip(0)], 1), idx)}
+    return LatentSet(torch.randn(n, side * side, dim), torch.randn(n, txt, ctx_dim), torch.randn(1, txt, ctx_dim),
+                     groups, side, 1.0)  # fmt: skip
+
+
+def test_warm_up_batches_match_training_batches_in_layout():
+    """torch.compile specialises on shapes and strides: the warm-up's batch of each reference count must be laid
+    out exactly like the ones training draws, or every graph compiles a second time inside the timed budget."""
+    from fluxrt.train.flow import teacher_batch
+
+    data = _latent_set()
+    gen, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    seen = {}
+    for _ in range(20):
+        drawn = teacher_batch(data, 4, gen, noise, 0.5)
+        seen[drawn[0]] = drawn
+    assert set(seen) == {0, 2}
+    for n_refs, drawn in seen.items():
+        forced = teacher_batch(data, 4, gen, noise, 0.5, n_refs)
+        assert forced[0] == n_refs
+        for a, b in zip(drawn[1:], forced[1:]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
