@@ -222,35 +222,30 @@ def run(cfg, rules: list[str], side: int, n_txt: int, times: list[float], seed: 
     state = {r: (model.img_in(x), model.txt_in(ctx)) for r in names}
     depth_err: dict[str, list[float]] = {r: [] for r in rules}
     h, heads, m = cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden
-    for i in range(cfg.depth):
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            block = DoubleStreamBlock(h, heads, m)
-        emu = Emulated(materialise(block, f"double_blocks.{i}.", seed, device), h, m)
-        for r in names:
-            emu.set(functools.partial(layer_mode, r, "double", i))
-            state[r] = block(*state[r], pe, mods.img, mods.txt)
-        ref = torch.cat(state["exact"], 1)
-        for r in rules:
-            depth_err[r].append(max(rel(torch.cat(state[r], 1), ref)))
-        log(f"double {i}: {time.perf_counter() - t0:.1f} s")
-        del block, emu
-        gc.collect()  # the block and its emulator reference each other: free the GPU memory now
+
+    def walk(kind: str, cls, count: int, streams: dict, forward, joined) -> None:
+        """Run every stream through `count` blocks of `kind`, each built once and emulated per rule, recording
+        each rule's hidden-state error after every block."""
+        for i in range(count):
+            t0 = time.perf_counter()
+            with torch.device("meta"):
+                block = cls(h, heads, m)
+            emu = Emulated(materialise(block, f"{kind}_blocks.{i}.", seed, device), h, m)
+            for r in names:
+                emu.set(functools.partial(layer_mode, r, kind, i))
+                streams[r] = forward(block, streams[r])
+            ref = joined(streams["exact"])
+            for r in rules:
+                depth_err[r].append(max(rel(joined(streams[r]), ref)))
+            log(f"{kind} {i}: {time.perf_counter() - t0:.1f} s")
+            del block, emu
+            gc.collect()  # the block and its emulator reference each other: free the GPU memory now
+
+    walk("double", DoubleStreamBlock, cfg.depth, state, lambda b, s: b(*s, pe, mods.img, mods.txt),
+         lambda s: torch.cat(s, 1))  # fmt: skip
     n = n_txt
     seq = {r: torch.cat([state[r][1], state[r][0]], 1) for r in names}
-    for i in range(cfg.depth_single_blocks):
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            block = SingleStreamBlock(h, heads, m)
-        emu = Emulated(materialise(block, f"single_blocks.{i}.", seed, device), h, m)
-        for r in names:
-            emu.set(functools.partial(layer_mode, r, "single", i))
-            seq[r] = block(seq[r], pe, mods.single, n)
-        for r in rules:
-            depth_err[r].append(max(rel(seq[r], seq["exact"])))
-        log(f"single {i}: {time.perf_counter() - t0:.1f} s")
-        del block, emu
-        gc.collect()
+    walk("single", SingleStreamBlock, cfg.depth_single_blocks, seq, lambda b, s: b(s, pe, mods.single, n), lambda s: s)
     out = {r: model.final_layer(seq[r][:, n:], vec) for r in names}
     return {r: {"velocity_rel_l2": rel(out[r], out["exact"]), "hidden_rel_l2_by_block": depth_err[r]} for r in rules}
 

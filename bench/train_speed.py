@@ -23,33 +23,28 @@ from fluxrt.train import flow, shapes
 from fluxrt.train.schedule import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, sync, write_json  # noqa: E402
 
 
 class Clock(Budget):
     """A fixed step count that notes the time when step `mark` ends (after warm-up and compilation)."""
 
-    def __init__(self, steps: int, mark: int):
+    def __init__(self, steps: int, mark: int, device: torch.device):
         super().__init__(steps)
-        self.mark, self.t_mark = mark, None
+        self.mark, self.t_mark, self.device = mark, None, device
 
     def update(self, step: int) -> None:
         if step + 1 == self.mark:
-            sync()
+            sync(self.device)
             self.t_mark = time.perf_counter()
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, warmup: int, steps: int) -> dict:
+def timed(fn, warmup: int, steps: int, device: torch.device) -> dict:
     """Per-step seconds of `fn(budget)` over its last `steps` steps; `warm_s`: everything before them."""
-    clock = Clock(warmup + steps, warmup)
+    clock = Clock(warmup + steps, warmup, device)
     t0 = time.perf_counter()
     fn(clock)
-    sync()
+    sync(device)
     per = (time.perf_counter() - clock.t_mark) / steps
     return {"s_per_step": per, "steps_per_s": 1 / per, "warm_s": clock.t_mark - t0}
 
@@ -86,7 +81,7 @@ def main(argv=None) -> None:
             flow.distill_student(s, teacher, data, budget, scale["batch"], log=lambda m: None)
 
         for stage, fn in (("teacher", teach), ("student", student))[: 1 if compile else 2]:
-            r = timed(fn, args.warmup, args.steps)
+            r = timed(fn, args.warmup, args.steps, run.device)
             res["results"][f"{stage}:{v}"] = r
             print(f"{stage:8s} {v:8s} {r['s_per_step'] * 1e3:7.1f} ms/step  {r['steps_per_s']:6.2f} steps/s  "
                   f"(warm-up {r['warm_s']:.0f} s)", flush=True)  # fmt: skip

@@ -211,27 +211,21 @@ def test_quantize_rejects_unknown_scheme_and_honours_skip():
     assert type(quant.txt_in) is nn.Linear  # not skipped, but K = 48 does not fit NF4's block of 64: kept
 
 
-def _tiny_qwen3():
+def _tiny_lm(family: str):
+    """A random 2-layer `{family}ForCausalLM` (Qwen3 or Mistral) whose linears all fit the 4-bit blocks."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
+    cfg = getattr(transformers, f"{family}Config")(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16)  # fmt: skip
     torch.manual_seed(0)
-    return transformers.Qwen3ForCausalLM(cfg).eval()
+    return getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
 
 
-def _tiny_mistral():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.MistralForCausalLM(cfg).eval()
-
-
-@pytest.mark.parametrize("make", [_tiny_qwen3, _tiny_mistral], ids=["qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["Qwen3", "Mistral"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @torch.no_grad()
-def test_quantize_text_encoder(make, scheme):
-    model = make()
+def test_quantize_text_encoder(family, scheme):
+    model = _tiny_lm(family)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     exact = model(ids, output_hidden_states=True).hidden_states
     quant = quantize(copy.deepcopy(model), scheme)
@@ -240,7 +234,7 @@ def test_quantize_text_encoder(make, scheme):
     assert type(quant.lm_head) is nn.Linear and type(quant.model.embed_tokens) is nn.Embedding
     hidden = quant(ids, output_hidden_states=True).hidden_states
     rel = rel_l2(hidden[2], exact[2])
-    print(f"{make.__name__} {scheme}: layer-2 hidden state rel L2 {rel:.4f}")
+    print(f"{family} {scheme}: layer-2 hidden state rel L2 {rel:.4f}")
     assert torch.equal(hidden[0], exact[0]) and 1e-3 < rel < 0.2
 
 
