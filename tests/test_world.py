@@ -231,8 +231,13 @@ def test_held_out_rule():
     n = len(COLOURS) * len(SHAPES)
     assert 0.10 <= len(HELD_OUT_PAIRS) / n <= 0.15
     # Pinned so that the split never silently changes.
-    assert HELD_OUT_PAIRS == {("green", "circle"), ("green", "square"),
-                              ("purple", "circle"), ("purple", "square")}
+    assert HELD_OUT_PAIRS == {("green", "circle"), ("purple", "square"),
+                              ("pink", "triangle"), ("red", "diamond")}
+    # Balanced: one pair per shape, no colour twice, so no colour predicts a shape in training.
+    assert sorted(s for _, s in HELD_OUT_PAIRS) == sorted(SHAPES)
+    assert len({c for c, _ in HELD_OUT_PAIRS}) == len(HELD_OUT_PAIRS)
+    for colour in COLOURS:
+        assert len({s for c, s in TRAIN_PAIRS if c == colour}) >= len(SHAPES) - 1
     assert {c for c, _ in TRAIN_PAIRS} == set(COLOURS)
     assert {s for _, s in TRAIN_PAIRS} == set(SHAPES)
     assert is_held_out(SceneObject("circle", "green", "small", (0, 0)))

@@ -5,11 +5,13 @@ on a 3x3 grid (at most one object per cell, each centred in its cell).
 Everything here is a pure function of an integer seed (or a ``random.Random``
 passed in), so datasets are reproducible without storing images.
 
-Held-out split rule (see :func:`is_held_out`): every (colour, shape) pair is
-hashed with CRC32 of ``"colour:shape"``; the ``round(HELD_OUT_FRACTION * n)``
-pairs with the smallest hashes are held out (4 of the 32 pairs).  ``split="train"``
-samples never contain a held-out pair; ``split="heldout"`` samples always
-contain at least one; ``split="all"`` ignores the rule.
+Held-out split rule (see :func:`is_held_out`): one (colour, shape) pair per
+shape is held out, each with a different colour: for each shape in order, the
+not-yet-used colour with the smallest CRC32 of ``"colour:shape"`` (4 of the 32
+pairs).  Every colour and every shape thus still appears in training with
+other partners, so neither predicts the other.  ``split="train"`` samples never
+contain a held-out pair; ``split="heldout"`` samples always contain at least
+one; ``split="all"`` ignores the rule.
 """
 
 from __future__ import annotations
@@ -61,7 +63,6 @@ CELL_NAMES: dict[tuple[int, int], str] = {
 }
 MAX_OBJECTS = 3
 SPLITS = ("train", "heldout", "all")
-HELD_OUT_FRACTION = 0.125
 
 # Synonyms used by captions / instructions (first entry = canonical word).
 SIZE_WORDS: dict[str, tuple[str, ...]] = {
@@ -174,10 +175,18 @@ def _pair_hash(colour: str, shape: str) -> int:
     return zlib.crc32(f"{colour}:{shape}".encode())
 
 
+def _balanced_held_out() -> frozenset[tuple[str, str]]:
+    """One pair per shape, no colour twice (a hash-ranked pick of the 32 pairs put two colours x two shapes
+    aside, so those colours only ever came as the other two shapes in training and predicted the shape)."""
+    held: list[tuple[str, str]] = []
+    for shape in SHAPES:
+        free = [c for c in COLOURS if c not in {c for c, _ in held}]
+        held.append((min(free, key=lambda c: _pair_hash(c, shape)), shape))
+    return frozenset(held)
+
+
 ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
-HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
-    sorted(ALL_PAIRS, key=lambda p: _pair_hash(*p))[: round(HELD_OUT_FRACTION * len(ALL_PAIRS))]
-)
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = _balanced_held_out()
 TRAIN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
 
 
