@@ -59,12 +59,15 @@ from common import (  # noqa: E402
     write_json,
 )
 
+import fluxrt.accel  # noqa: F401 - registers the named attention kernels
 from fluxrt.accel.compile import CUDAGraphStep, compile_transformer, decompile
+from fluxrt.models.attention import attention_backend
 from fluxrt.config import get_preset
 from fluxrt.quant.fp8 import DEFAULT_SKIP, quantize_transformer
 
 IMPLS = ("eager", "compiled", "cudagraph", "fp8", "fp8-compiled", "diffusers", "diffusers-compiled")
-EXTRA = ("fp8-all", "fp8-all-compiled")  # on request (--impls): fp8 on every block Linear, the fastest, ~4% error
+EXTRA = ("fp8-all", "fp8-all-compiled",  # on request (--impls): fp8 on every block Linear, the fastest, ~4% error
+         "compiled-cudnn", "fp8-compiled-cudnn")  # compiled with cuDNN's fused attention (fluxrt.accel.attention)
 OURS = (*IMPLS[:5], *EXTRA)
 MODELS = ("flux.2-klein-4b", "flux.2-klein-9b", "flux.2-dev")
 
@@ -154,6 +157,19 @@ def compile_kwargs(args, fullgraph: bool = True) -> dict:
     return kw
 
 
+def run_with_attention(name, backend, compile_, step, model, device, args, record):
+    """Compile under another attention kernel, time it, and undo both (CUDA only: the kernels are CUDA's)."""
+    if device.type != "cuda":
+        record(name, {"error": f"skipped: the {backend} attention kernel needs a CUDA device"})
+        return None
+    with attention_backend(backend):
+        compile_()
+        out = run_impl(name, step, device, args, record, attention=backend)
+        decompile(model)
+    free(device)
+    return out
+
+
 def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
     """eager -> compiled -> cudagraph -> (decompile, quantize) fp8 -> fp8-compiled -> (decompile, quantize the
     remaining block Linears) fp8-all -> fp8-all-compiled, on one build. fp8 is the default layer choice
@@ -180,7 +196,10 @@ def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
                 del graphed
             decompile(model)
             free(device)
-        if "fp8" in impls or "fp8-compiled" in impls:
+        if "compiled-cudnn" in impls:
+            outs["compiled-cudnn"] = run_with_attention("compiled-cudnn", "cudnn", compile_, step, model, device, args,
+                                                        record)
+        if "fp8" in impls or "fp8-compiled" in impls or "fp8-compiled-cudnn" in impls:
             quantize_transformer(model)
             if "fp8" in impls:
                 outs["fp8"] = run_impl("fp8", step, device, args, record)
@@ -189,6 +208,9 @@ def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
                 outs["fp8-compiled"] = run_impl("fp8-compiled", step, device, args, record)
                 decompile(model)
                 free(device)
+            if "fp8-compiled-cudnn" in impls:
+                outs["fp8-compiled-cudnn"] = run_with_attention("fp8-compiled-cudnn", "cudnn", compile_, step, model,
+                                                                device, args, record)
         if "fp8-all" in impls or "fp8-all-compiled" in impls:
             quantize_transformer(model, skip=DEFAULT_SKIP)  # adds the layers FP8_SKIP keeps
             if "fp8-all" in impls:

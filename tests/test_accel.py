@@ -189,3 +189,24 @@ def test_gpu_compile_modes_and_cuda_graph_match_eager():
     for _ in range(3):  # torch's CUDA graph trees record on the second call and replay after
         out = run(model, inp).clone()
     assert _rel(out, eager) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+def test_gpu_named_attention_kernels_compute_sdpa(kernel):
+    from fluxrt.models.attention import attention, attention_backend
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 600, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    with attention_backend("math"):
+        ref = attention(q, k, v)
+    with attention_backend(kernel):
+        out = attention(q, k, v)
+    assert out.shape == ref.shape and _rel(out, ref) < 1e-2
+    model = tiny_flow().cuda().to(torch.bfloat16)
+    inp = step_inputs(model.cfg, refs=1, device="cuda", dtype=torch.bfloat16)
+    eager = run(model, inp)
+    with attention_backend(kernel):
+        compile_transformer(model)
+        assert _rel(run(model, inp), eager) < 1e-2

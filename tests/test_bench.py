@@ -119,3 +119,23 @@ def test_real_text_encoder_sizes_are_the_assumed_ones():
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
         5120, 30, 32, 8)  # fmt: skip
     assert (text.head_dim, text.intermediate_size, text.vocab_size) == (128, 32768, 131072)
+
+
+def test_attention_dry_run_and_kernel_rows(tmp_path):
+    import attention_kernels as attention_bench
+
+    out = tmp_path / "attention.json"
+    res = attention_bench.main(["--dry-run", "--kernels", "sdpa,math,cudnn", "--iters", "2", "--out", str(out)])
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sdpa", "math"} and len(res["rows"]) == 2  # cuDNN is CUDA-only: no CPU row
+    assert rows["sdpa"]["vs_sdpa_rel_l2"] == 0 and 0 < rows["math"]["vs_sdpa_rel_l2"] < 1e-5
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows.values())
+    with pytest.raises(SystemExit):
+        attention_bench.main(["--dry-run", "--kernels", "sdpa,nope"])
+
+
+def test_cudnn_rows_are_skipped_on_cpu():
+    result = transformer_step.main(["--dry-run", "--cases", "tiny:64:0", "--impls", "eager,compiled-cudnn",
+                                    "--compile-backend", "eager"])  # fmt: skip
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert "s_per_step" in rows["eager"] and "needs a CUDA device" in rows["compiled-cudnn"]["error"]
