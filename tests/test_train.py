@@ -25,6 +25,12 @@ def test_smoke_run_is_reproducible_and_exports_loadable_files(tmp_path):
     model, spec = load_transformer(tmp_path / "a" / "export" / "flow.safetensors", spec=SHAPES.name)
     assert spec.name == SHAPES.name and "guidance_in.in_layer.weight" in model.state_dict()
     assert (tmp_path / "a" / "export" / "text_encoder" / "tokenizer.json").exists()
+    # Running the student stage again resumes from the saved student and goes on training it.
+    shapes.main(["--workdir", str(tmp_path / "a"), "--scale", "smoke", "--device", "cpu", "--workers", "1",
+                 "--stages", "student"])  # fmt: skip
+    assert "student: resuming from flow.safetensors" in (tmp_path / "a" / "log.txt").read_text()
+    c = load_file(tmp_path / "a" / "flow.safetensors")
+    assert c.keys() == a.keys() and not all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_unknown_stage_is_refused(tmp_path):

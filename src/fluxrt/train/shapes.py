@@ -31,8 +31,8 @@ from .schedule import Budget
 
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
-    "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 510),
-                 student=(20000, 170), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
+    "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 760),
+                 student=(20000, 240), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
                   batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
 }  # fmt: skip
@@ -151,9 +151,14 @@ def load_flow(run: Run, name: str, cfg) -> Flux2:
 
 
 def stage_student(run: Run) -> None:
+    """Distil the student from the teacher; if `flow.safetensors` exists, distillation resumes from it."""
     torch.manual_seed(run.seed + 1)
     teacher = load_flow(run, "teacher.safetensors", teacher_config())
-    student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
+    if (run.workdir / "flow.safetensors").exists():
+        student = load_flow(run, "flow.safetensors", SHAPES.transformer).requires_grad_(True)
+        run.log("student: resuming from flow.safetensors")
+    else:
+        student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
     ema = flow.distill_student(student, teacher, latent_set(run), run.budget("student"), run.scale["batch"],
                                seed=run.seed + 1, log=run.log)  # fmt: skip
     save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "flow.safetensors")
