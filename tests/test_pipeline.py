@@ -81,11 +81,13 @@ def test_batch_equals_samples_one_by_one(pipe):
     single = [pipe.denoise([s], SIZE, SIZE, STEPS, GUIDANCE) for s in samples]
     for idx in groups:
         batched = pipe.denoise([samples[i] for i in idx], SIZE, SIZE, STEPS, GUIDANCE)
-        torch.testing.assert_close(batched, torch.cat([single[i] for i in idx]), atol=1e-5, rtol=0)
+        # fp32 CPU GEMMs block differently by batch size: summation-order noise (~1e-5 on O(1) latents); any
+        # leak between samples or a misplaced reference moves latents by far more.
+        torch.testing.assert_close(batched, torch.cat([single[i] for i in idx]), atol=1e-4, rtol=0)
     for i, im in enumerate(pipe.generate(samples, SIZE, SIZE, STEPS, GUIDANCE)):  # batched, back in input order
         alone = pipe.decode(single[i])[0]
         diff = np.abs(np.asarray(im, dtype=np.int16) - np.asarray(alone, dtype=np.int16)).max()
-        assert im.size == (SIZE, SIZE) and diff <= 1, (i, diff)  # uint8 rounding of latents equal to 1e-5
+        assert im.size == (SIZE, SIZE) and diff <= 1, (i, diff)  # uint8 rounding of latents equal to 1e-4
 
 
 def test_references_change_the_output(pipe):
