@@ -101,3 +101,17 @@ def test_warm_up_batches_match_training_batches_in_layout():
             assert (a is None) == (b is None)
             if a is not None:
                 assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+
+
+def test_set_overrides_numbers_of_the_scale(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(shapes, "stage_text", lambda run: seen.update(run.scale))
+    shapes.main(["--workdir", str(tmp_path), "--scale", "smoke", "--device", "cpu", "--stages", "text",
+                 "--set", "student_lr=5e-4,batch=2"])  # fmt: skip
+    assert seen["student_lr"] == 5e-4 and seen["batch"] == 2 and seen["lr"] == shapes.SCALES["smoke"]["lr"]
+    with pytest.raises(SystemExit, match="'nope'"):
+        shapes.main(["--workdir", str(tmp_path), "--stages", "text", "--set", "nope=1"])
+    with pytest.raises(SystemExit, match="'fast' is not a float"):
+        shapes.main(["--workdir", str(tmp_path), "--stages", "text", "--set", "student_lr=fast"])
+    with pytest.raises(SystemExit, match="not a number of the scale"):
+        shapes.main(["--workdir", str(tmp_path), "--stages", "text", "--set", "teacher=5"])  # a (steps, s) pair

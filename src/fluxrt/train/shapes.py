@@ -32,9 +32,9 @@ from .schedule import Budget
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
     "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 760),
-                 student=(20000, 240), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100),
+                 student=(20000, 240), batch=256, lr=8e-4, student_lr=2e-4, vae_images=24_000, vae_crop=128, eval=100),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
-                  batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2),
+                  batch=4, lm_batch=4, lr=5e-4, student_lr=2e-4, vae_images=16, vae_crop=32, eval=2),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
 
@@ -160,7 +160,7 @@ def stage_student(run: Run) -> None:
     else:
         student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
     ema = flow.distill_student(student, teacher, latent_set(run), run.budget("student"), run.scale["batch"],
-                               seed=run.seed + 1, log=run.log)  # fmt: skip
+                               lr=run.scale["student_lr"], seed=run.seed + 1, log=run.log)  # fmt: skip
     save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "flow.safetensors")
 
 
@@ -205,6 +205,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seconds", default="", metavar="STAGE=S,...",
                     help="override a stage's wall-time budget, e.g. teacher=330,student=120")  # fmt: skip
+    ap.add_argument("--set", default="", metavar="KEY=VALUE,...",
+                    help="override a number of the scale, e.g. student_lr=5e-4,batch=128")  # fmt: skip
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="torch.compile the flow training steps (auto: on CUDA)")  # fmt: skip
     args = ap.parse_args(argv)
@@ -221,6 +223,15 @@ def main(argv=None) -> None:
             scale[stage] = (scale[stage][0], float(sec))
         except ValueError:
             raise SystemExit(f"--seconds: {sec!r} is not a number of seconds (in {item!r})") from None
+    for item in filter(None, args.set.split(",")):
+        key, _, value = item.partition("=")
+        if not isinstance(scale.get(key), (int, float)):
+            numbers = ", ".join(k for k, v in scale.items() if isinstance(v, (int, float)))
+            raise SystemExit(f"--set: {key!r} is not a number of the scale (in {item!r}); choose from {numbers}")
+        try:
+            scale[key] = type(scale[key])(value)
+        except ValueError:
+            raise SystemExit(f"--set: {value!r} is not a {type(scale[key]).__name__} (in {item!r})") from None
     device = torch.device(args.device)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     run = Run(Path(args.workdir), device, scale, args.seed, args.workers, compile)
