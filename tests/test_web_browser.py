@@ -161,9 +161,10 @@ def test_page_is_self_contained(server):
 def test_generate_with_references(page, server, tmp_path):
     """Token, prompt, size, steps, seed, one reference dropped and one picked -> live previews, then the image in
     the gallery with its parameters and a download link; after a reload the job list brings the card back."""
+    steps = 8 * STEPS  # previews need the job to outlast the page's event-stream connection, even on a busy CI machine
     _enter_token(page)
     page.fill("#prompt", "a large red circle in the center on a white background")
-    for field, value in (("width", SIDE), ("height", SIDE), ("steps", STEPS), ("seed", SEED)):
+    for field, value in (("width", SIDE), ("height", SIDE), ("steps", steps), ("seed", SEED)):
         page.fill(f"#{field}", str(value))
     _drop_file(page, "#dropzone", "dropped.png", _png("blue"))
     picked = tmp_path / "picked.png"
@@ -186,7 +187,7 @@ def test_generate_with_references(page, server, tmp_path):
     assert page.evaluate("window.previewsSeen.size") >= 1
     assert "a large red circle" in card.locator(".card-prompt").inner_text()
     shown = {key: card.locator(f"[data-param={key}]").inner_text() for key in ("size", "steps", "seed", "n_refs")}
-    assert shown == {"size": f"{SIDE}×{SIDE}", "steps": str(STEPS), "seed": str(SEED), "n_refs": "2"}
+    assert shown == {"size": f"{SIDE}×{SIDE}", "steps": str(steps), "seed": str(SEED), "n_refs": "2"}
     assert page.is_hidden("#error")
 
     job = json.loads(_get(f"{server}/v1/jobs/{card.get_attribute('data-job-id')}"))
