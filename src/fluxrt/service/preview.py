@@ -49,8 +49,8 @@ def _with_bias(tokens: torch.Tensor) -> torch.Tensor:
 class LatentPreview:
     """Least squares over accumulated normal equations: `observe` adds (token, mean colour) pairs and refits.
 
-    Two sets of normal equations: the cold-start fit on encoded colour blocks (`prime`) and the model's own
-    outputs (`observe`); once there are outputs, the map is fitted on them alone."""
+    Two sets of normal equations: "prior", the cold-start fit on encoded colour blocks (`fit`), and "outputs", the
+    model's own outputs (`observe`); once there are outputs, the map is fitted on them alone."""
 
     def __init__(self, cell: int, scale: int = 4):
         self.cell, self.scale = cell, scale
