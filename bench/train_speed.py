@@ -76,11 +76,12 @@ def main(argv=None) -> None:
             flow.train_teacher(model, data, budget, scale["batch"], lr=scale["lr"], log=lambda m: None,
                                compile=compile)  # fmt: skip
 
-        def student(budget):
+        def student(budget, compile=compile):
             s = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
-            flow.distill_student(s, teacher, data, budget, scale["batch"], log=lambda m: None)
+            flow.distill_student(s, teacher, data, budget, scale["batch"], shapes.distill_recipe(scale),
+                                 log=lambda m: None, compile=compile)  # fmt: skip
 
-        for stage, fn in (("teacher", teach), ("student", student))[: 1 if compile else 2]:
+        for stage, fn in (("teacher", teach), ("student", student)):
             r = timed(fn, args.warmup, args.steps, run.device)
             res["results"][f"{stage}:{v}"] = r
             print(f"{stage:8s} {v:8s} {r['s_per_step'] * 1e3:7.1f} ms/step  {r['steps_per_s']:6.2f} steps/s  "

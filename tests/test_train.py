@@ -115,3 +115,66 @@ def test_set_overrides_numbers_of_the_scale(tmp_path, monkeypatch):
         shapes.main(["--workdir", str(tmp_path), "--stages", "text", "--set", "student_lr=fast"])
     with pytest.raises(SystemExit, match="not a number of the scale"):
         shapes.main(["--workdir", str(tmp_path), "--stages", "text", "--set", "teacher=5"])  # a (steps, s) pair
+
+
+def _tiny_flow(guidance: bool):
+    from fluxrt.config import TransformerConfig
+    from fluxrt.models.transformer import Flux2
+
+    torch.manual_seed(0)
+    cfg = TransformerConfig(in_channels=8, context_in_dim=5, hidden_size=16, num_heads=2, depth=1,
+                            depth_single_blocks=1, axes_dim=(2, 2, 2, 2), use_guidance_embed=guidance)  # fmt: skip
+    return Flux2(cfg)
+
+
+def test_compiled_distillation_compiles_each_graph_once(monkeypatch):
+    """The compiled student step (teacher no-grad forward + student training forward, per reference count) is
+    warmed up on batches laid out like training's, so no step of the budget recompiles."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from fluxrt.train import flow
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    teacher, student = _tiny_flow(False), _tiny_flow(True)
+    flow.distill_student(student, teacher, _latent_set(), Budget(12), batch=3, log=lambda m: None, compile=True,
+                         recipe=flow.DistillRecipe(focus=2.0, g_fixed_frac=0.5, ref_boost=3.0))  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == 4  # {teacher, student} x {0, 2 references}
+    torch._dynamo.reset()
+
+
+def test_distillation_recipe_draws_guidance_and_groups_as_asked():
+    from fluxrt.train.flow import DistillRecipe, student_batch
+
+    data = _latent_set()
+    gen, noise = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    recipe = DistillRecipe(g_range=(1.0, 2.0), g_fixed=4.0, g_fixed_frac=0.5, ref_boost=9.0)
+    drawn = [student_batch(data, 64, gen, noise, recipe) for _ in range(40)]
+    g = torch.cat([d[5] for d in drawn])
+    assert 0.4 < (g == 4.0).float().mean() < 0.6 and ((g >= 1) & (g <= 2) | (g == 4)).all()
+    assert sum(d[0] == 2 for d in drawn) >= 32  # equal-sized groups, the reference one boosted 9x: ~90%
+
+
+def test_focus_weights_the_tokens_guidance_changes():
+    """With focus, an error on the tokens where the teacher's c - u is large costs more than the same error
+    elsewhere; without it, both cost the same."""
+    from fluxrt.train import flow
+
+    class Fixed(torch.nn.Module):  # the "teacher": cond differs from uncond on token 0 only; "student": zeros
+        def forward(self, x, ids, t, ctx, ctx_ids, guidance=None):
+            out = torch.zeros_like(x)
+            if guidance is None:
+                out[:, 0] = ctx[:, :1, :1].squeeze(-1)  # uncond (empty ctx = 0) vs cond (ctx = 1)
+            return out
+
+    data = _latent_set(ctx_dim=8)
+    data.ctx.fill_(1.0)
+    data.empty_ctx.zero_()
+    drawn = (0, torch.zeros(2, 4, 8), None, torch.full((2,), 0.5), torch.ones(2, 3, 8), torch.full((2,), 1.0))
+    plain = flow.distill_loss(Fixed(), Fixed(), data, drawn, flow.DistillRecipe())
+    focused = flow.distill_loss(Fixed(), Fixed(), data, drawn, flow.DistillRecipe(focus=3.0))
+    assert plain.item() == pytest.approx(1 / 4)  # error 1 on one token of four
+    assert focused.item() == pytest.approx((1 + 3 * 4) / 4 / (1 + 3))  # that token weighs 1 + 3 * (1 / mean)

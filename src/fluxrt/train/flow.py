@@ -4,7 +4,7 @@ Teacher: x_t = (1 - t) x0 + t eps, target v = eps - x0 (FLUX.2's convention, t =
 with probability `p_uncond` (the empty prompt's features) so real CFG works. References are appended after the
 image tokens un-noised with ids (10 + 10 i, y, x, 0), exactly as FLUX.2 conditions them.
 Student (the [dev] path): the same network plus a guidance embedding, trained to output the teacher's CFG
-velocity u + g (c - u) in one forward for g drawn from `g_range`.
+velocity u + g (c - u) in one forward, for g drawn as `DistillRecipe` says.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ def batch_ids(data: LatentSet, n_refs: int, device) -> tuple[torch.Tensor, torch
     return torch.cat(ids)[None], text_ids(data.ctx.shape[1], device)[None]
 
 
-def draw(data: LatentSet, batch: int, gen: torch.Generator, n_refs: int | None = None):
-    """A batch from one reference-count group (chosen in proportion to its size unless `n_refs` is given)."""
+def draw(data: LatentSet, batch: int, gen: torch.Generator, n_refs: int | None = None, ref_boost: float = 1.0):
+    """A batch from one reference-count group, chosen in proportion to its size (groups with references
+    `ref_boost` times more often) unless `n_refs` is given."""
     if n_refs is None:
         keys = sorted(data.groups)
-        sizes = torch.tensor([len(data.groups[k][0]) for k in keys], dtype=torch.float)
+        sizes = torch.tensor([len(data.groups[k][0]) * (ref_boost if k else 1.0) for k in keys], dtype=torch.float)
         n_refs = keys[int(torch.multinomial(sizes, 1, generator=gen))]
     tgt, refs, prompt = data.groups[n_refs]
     pick = torch.randint(len(tgt), (batch,), generator=gen).to(tgt.device)
@@ -94,9 +95,10 @@ def noise_generator(dev: torch.device, seed: int) -> torch.Generator:
 
 
 def forward_fn(model, compile: bool):
-    """`model`, or a torch.compile'd view of it sharing its parameters (one graph per reference count).
-    Only the teacher uses it: on an H200 it ran the teacher's steps 3.1x faster (99 -> 32 ms at batch 256,
-    after 185 s of compilation) but the student's 2.2x slower (187 -> 405 ms; `bench/train_speed.py`)."""
+    """`model`, or a torch.compile'd view of it sharing its parameters (one graph per reference count, and per
+    grad mode: the student's distillation compiles the teacher's no-grad forward and the student's training one).
+    Compiled, the teacher's training steps ran 3.1x faster on an H200 (99 -> 32 ms at batch 256, after 185 s of
+    compilation; `bench/train_speed.py`)."""
     return torch.compile(model, dynamic=False) if compile else model
 
 
@@ -161,32 +163,80 @@ def student_from_teacher(teacher, student):
     return student
 
 
-def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, lr=2e-4, g_range=(1.0, 6.0),
-                    ema=0.999, seed=1, log=print):  # fmt: skip
-    """Train `student(x, t, c, g)` to match the teacher's u + g (c - u); returns the EMA student."""
+@dataclass(frozen=True)
+class DistillRecipe:
+    """How the student is distilled. `g_range`: guidance drawn uniformly from it, except a `g_fixed_frac` share of
+    each batch at `g_fixed` (the default guidance: where the model is used most). `focus`: a token's loss weight is
+    1 + focus * |c - u|^2 / mean |c - u|^2 over the sample's tokens, so the tokens that guidance changes (the
+    edited object of an edit: ~7% of an image's tokens, yet where its colour is decided) count for more than the
+    copied rest. `ref_boost`: reference batches drawn this many times more often than their share of examples."""
+
+    lr: float = 2e-4
+    g_range: tuple[float, float] = (1.0, 6.0)
+    g_fixed: float = 4.0
+    g_fixed_frac: float = 0.0
+    focus: float = 0.0
+    ref_boost: float = 1.0
+    ema: float = 0.999
+
+
+def student_batch(data: LatentSet, batch: int, gen, noise, recipe: DistillRecipe, n_refs: int | None = None):
+    """(n_refs, x_t, references, t, text features, guidance) of one distillation step."""
+    dev = data.tokens.device
+    n_refs, x0, ref, ctx = draw(data, batch, gen, n_refs, recipe.ref_boost)
+    t = sample_t(batch, dev, gen, data.mu)
+    lo, hi = recipe.g_range
+    g = lo + (hi - lo) * torch.rand(batch, generator=gen)
+    g = torch.where(torch.rand(batch, generator=gen) < recipe.g_fixed_frac, recipe.g_fixed, g).to(dev)
+    eps = torch.randn(x0.shape, generator=noise, device=dev)
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+    return n_refs, xt, ref, t, ctx, g
+
+
+def distill_loss(student_fn, teacher_fn, data: LatentSet, drawn, recipe: DistillRecipe) -> torch.Tensor:
+    """The student's (focus-weighted) squared error against the teacher's CFG velocity u + g (c - u)."""
+    n_refs, xt, ref, t, ctx, g = drawn
+    dev = xt.device
+    ids, ctx_ids = batch_ids(data, n_refs, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with torch.no_grad():
+            both = velocity(teacher_fn, xt.repeat(2, 1, 1), None if ref is None else ref.repeat(2, 1, 1), ids,
+                            t.repeat(2), torch.cat([data.empty_ctx.float().expand_as(ctx), ctx]), ctx_ids)
+            uncond, cond = both.float().chunk(2)
+            target = uncond + g[:, None, None] * (cond - uncond)
+        pred = velocity(student_fn, xt, ref, ids, t, ctx, ctx_ids, guidance=g)
+    err = (pred.float() - target).pow(2).mean(-1)  # (B, L)
+    if recipe.focus:
+        d = (cond - uncond).pow(2).sum(-1)
+        err = err * (1 + recipe.focus * d / d.mean(1, keepdim=True).clamp_min(1e-12)) / (1 + recipe.focus)
+    return err.mean()
+
+
+def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, recipe: DistillRecipe | None = None,
+                    seed=1, log=print, compile: bool = False):  # fmt: skip
+    """Train `student(x, t, c, g)` to match the teacher's u + g (c - u); returns the EMA student. With `compile`,
+    the teacher's no-grad forward and the student's training forward are compiled, warmed up on a batch of every
+    reference count built exactly like training's before the budget is fitted."""
+    recipe = recipe or DistillRecipe()
     dev = data.tokens.device
     gen, noise = torch.Generator().manual_seed(seed), noise_generator(dev, seed)
-    opt, sched = cosine_optim(student.parameters(), lr, budget, warmup=100, betas=(0.9, 0.99))
-    avg = EMA(student, ema)
+    opt, sched = cosine_optim(student.parameters(), recipe.lr, budget, warmup=100, betas=(0.9, 0.99))
+    avg = EMA(student, recipe.ema)
     teacher.eval().requires_grad_(False)
     student.train()
+    student_fn, teacher_fn = forward_fn(student, compile), forward_fn(teacher, compile)
+    if compile:
+        wgen, wnoise = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(0)
+        for n in sorted(data.groups):
+            distill_loss(student_fn, teacher_fn, data, student_batch(data, batch, wgen, wnoise, recipe, n),
+                         recipe).backward()  # fmt: skip
+        for p in student.parameters():
+            p.grad = None
     step = 0
     while budget.running(step):
-        n_refs, x0, ref, ctx = draw(data, batch, gen)
-        t = sample_t(batch, dev, gen, data.mu)
-        g = (g_range[0] + (g_range[1] - g_range[0]) * torch.rand(batch, generator=gen)).to(dev)
-        eps = torch.randn(x0.shape, generator=noise, device=dev)
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        ids, ctx_ids = batch_ids(data, n_refs, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            with torch.no_grad():
-                both = velocity(teacher, xt.repeat(2, 1, 1), None if ref is None else ref.repeat(2, 1, 1), ids,
-                                t.repeat(2), torch.cat([data.empty_ctx.float().expand_as(ctx), ctx]), ctx_ids)
-                uncond, cond = both.float().chunk(2)
-                target = uncond + g[:, None, None] * (cond - uncond)
-            pred = velocity(student, xt, ref, ids, t, ctx, ctx_ids, guidance=g)
-        loss = F.mse_loss(pred.float(), target)
+        drawn = student_batch(data, batch, gen, noise, recipe)
+        loss = distill_loss(student_fn, teacher_fn, data, drawn, recipe)
         optimizer_step(opt, sched, loss, student.parameters())
         avg.update(student)
-        step = budget.tick(step, log, 250, lambda: f"student refs {n_refs} loss {loss.item():.4f}")
+        step = budget.tick(step, log, 250, lambda: f"student refs {drawn[0]} loss {loss.item():.4f}")
     return avg.model

@@ -32,9 +32,11 @@ from .schedule import Budget
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
     "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 760),
-                 student=(20000, 240), batch=256, lr=8e-4, student_lr=2e-4, vae_images=24_000, vae_crop=128, eval=100),
+                 student=(20000, 240), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100,
+                 student_lr=2e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.0),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
-                  batch=4, lm_batch=4, lr=5e-4, student_lr=2e-4, vae_images=16, vae_crop=32, eval=2),
+                  batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2,
+                  student_lr=2e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.0),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
 
@@ -46,7 +48,7 @@ class Run:
     scale: dict
     seed: int = 0
     workers: int = 1
-    compile: bool = False  # torch.compile the teacher's training steps
+    compile: bool = False  # torch.compile the teacher's and the student's training steps
     _cache: dict = dataclasses.field(default_factory=dict)
 
     def log(self, msg: str) -> None:
@@ -150,6 +152,12 @@ def load_flow(run: Run, name: str, cfg) -> Flux2:
     return model.to(run.device).eval().requires_grad_(False)
 
 
+def distill_recipe(scale: dict) -> flow.DistillRecipe:
+    """The student's recipe from the scale's `student_*` numbers (guidance fixed at the model's default)."""
+    return flow.DistillRecipe(lr=scale["student_lr"], g_fixed=SHAPES.default_guidance, focus=scale["student_focus"],
+                              g_fixed_frac=scale["student_g_fixed_frac"], ref_boost=scale["student_ref_boost"])  # fmt: skip
+
+
 def stage_student(run: Run) -> None:
     """Distil the student from the teacher; if `flow.safetensors` exists, distillation resumes from it."""
     torch.manual_seed(run.seed + 1)
@@ -160,7 +168,7 @@ def stage_student(run: Run) -> None:
     else:
         student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
     ema = flow.distill_student(student, teacher, latent_set(run), run.budget("student"), run.scale["batch"],
-                               lr=run.scale["student_lr"], seed=run.seed + 1, log=run.log)  # fmt: skip
+                               distill_recipe(run.scale), seed=run.seed + 1, log=run.log, compile=run.compile)  # fmt: skip
     save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "flow.safetensors")
 
 
