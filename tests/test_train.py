@@ -142,7 +142,7 @@ def test_compiled_distillation_compiles_each_graph_once(monkeypatch):
     teacher, student = _tiny_flow(False), _tiny_flow(True)
     flow.distill_student(student, teacher, _latent_set(), Budget(12), batch=3, log=lambda m: None, compile=True,
                          recipe=flow.DistillRecipe(focus=2.0, g_fixed_frac=0.5, ref_boost=3.0))  # fmt: skip
-    assert counters["stats"]["unique_graphs"] == 4  # {teacher, student} x {0, 2 references}
+    assert counters["stats"]["unique_graphs"] == 8  # {double, single block} x {teacher, student} x {0, 2 refs}
     torch._dynamo.reset()
 
 
@@ -178,3 +178,18 @@ def test_focus_weights_the_tokens_guidance_changes():
     focused = flow.distill_loss(Fixed(), Fixed(), data, drawn, flow.DistillRecipe(focus=3.0))
     assert plain.item() == pytest.approx(1 / 4)  # error 1 on one token of four
     assert focused.item() == pytest.approx((1 + 3 * 4) / 4 / (1 + 3))  # that token weighs 1 + 3 * (1 / mean)
+
+
+def test_budget_refits_when_steps_slow_down(monkeypatch):
+    """Steps that get slower after the probe (a mix of batch shapes) are caught by the refits: the run ends near
+    its budget instead of a third past it."""
+    from fluxrt.train import schedule
+
+    clock = [0.0]
+    monkeypatch.setattr(schedule.time, "time", lambda: clock[0])
+    b = Budget(steps=10**6, seconds=100.0, probe=4, skip=2)
+    step = 0
+    while b.running(step):
+        clock[0] += 0.1 if step < 8 else 0.3  # 0.1 s per step while probed, then 0.3 s
+        step = b.tick(step, lambda m: None, 10**9, lambda: "")
+    assert 95 <= clock[0] <= 106 and step < 1000

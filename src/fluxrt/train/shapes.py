@@ -32,11 +32,11 @@ from .schedule import Budget
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
     "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 760),
-                 student=(20000, 240), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100,
-                 student_lr=2e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.0),
+                 student=(20000, 330), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100,
+                 student_lr=5e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.5),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
                   batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2,
-                  student_lr=2e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.0),
+                  student_lr=5e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.5),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
 
@@ -119,6 +119,7 @@ def latent_set(run: Run) -> flow.LatentSet:
     if "latents" in run._cache:
         return run._cache["latents"]
     rs, ae, te = run.rendered(), load_ae(run), load_text_encoder(run)
+    t0 = time.time()
     images = run.images()
     tokens = torch.cat([vae.encode_all(ae, images[i : i + 8192].to(run.device)) for i in range(0, len(images), 8192)])
     ctx = torch.cat([te.encode(rs.prompts[i : i + 1024]).to(torch.bfloat16) for i in range(0, len(rs.prompts), 1024)])
@@ -127,6 +128,7 @@ def latent_set(run: Run) -> flow.LatentSet:
     side = run.scale["size"] // SHAPES.autoencoder.downscale
     mu = compute_empirical_mu(side * side, SHAPES.default_steps)
     run._cache["latents"] = flow.LatentSet(tokens, ctx.to(run.device), empty.to(run.device), groups, side, mu)
+    run.log(f"latents of {len(images)} scenes and {len(rs.prompts)} prompts in {time.time() - t0:.0f}s")
     return run._cache["latents"]
 
 
