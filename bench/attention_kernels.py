@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_device, compare, environment, run_main, time_steps, write_json  # noqa: E402
 
 import fluxrt.accel  # noqa: E402,F401 - registers the named kernels
-from fluxrt.models.attention import _BACKENDS  # noqa: E402
+from fluxrt.models.attention import attention_backends  # noqa: E402
 
 LENGTHS = {"1024²": 4608, "1024²+1ref": 8704, "2048²": 16896}
 
@@ -35,10 +35,10 @@ def run(args) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     for label, n in lengths.items():
         q, k, v = (torch.randn(1, heads, n, 128, device=device, dtype=dtype, generator=gen) for _ in range(3))
-        ref = _BACKENDS["sdpa"](q, k, v).float()
+        ref = attention_backends()["sdpa"](q, k, v).float()
         flops = 4 * n * n * heads * 128
         for name in kernels:
-            fn = _BACKENDS[name]
+            fn = attention_backends()[name]
             try:
                 out = fn(q, k, v)
                 times = time_steps(lambda: fn(q, k, v), device, 3, args.iters)
@@ -66,9 +66,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    unknown = [k for k in args.kernels if k not in _BACKENDS]
+    unknown = [k for k in args.kernels if k not in attention_backends()]
     if unknown:
-        ap.error(f"unknown kernels {unknown}; known: {', '.join(sorted(_BACKENDS))}")
+        ap.error(f"unknown kernels {unknown}; known: {', '.join(sorted(attention_backends()))}")
     return run_main(run, args)
 
 

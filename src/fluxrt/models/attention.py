@@ -55,6 +55,11 @@ def register_attention_backend(name: str, fn: Callable) -> None:
     _BACKENDS[name] = fn
 
 
+def attention_backends() -> dict[str, Callable]:
+    """The registered kernels by name, each `(q, k, v) -> out` on (B, H, L, D) tensors (a copy of the registry)."""
+    return dict(_BACKENDS)
+
+
 def set_attention_backend(name: str) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(sorted(_BACKENDS))}")
