@@ -101,8 +101,8 @@ def forward_fn(model, compile: bool, scope: str = "model"):
 
     The teacher's training steps run 3.1x faster compiled whole on an H200 (99 -> 32 ms at batch 256;
     `bench/train_speed.py`). The student's step (the teacher's no-grad forward and the student's training forward)
-    compiled whole ran 62 ms instead of 211 on an H100, but its eight graphs took 214 s to compile from a cold
-    cache, most of the stage's budget; per block there are two distinct blocks to compile, not seven.
+    compiled whole ran 67 ms instead of 212 on an H100, but its eight graphs took 214 s to compile from a cold
+    cache, most of the stage's budget; per block (two distinct blocks, not seven) 72 ms after 141 s.
     """
     if not compile:
         return model
