@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from fluxrt.config import SHAPES, replace
+from fluxrt.config import SHAPES
 from fluxrt.models.transformer import Flux2
 from fluxrt.pipeline import Pipeline
 from fluxrt.train import flow, shapes
-from fluxrt.train.evaluate import heldout_sets, score_pipeline
+from fluxrt.train.evaluate import heldout_sets, score_pipeline, teacher_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
@@ -34,13 +33,10 @@ from common import environment, write_json  # noqa: E402
 def parse_variant(text: str, scale: dict) -> tuple[str, dict]:
     """'name:key=value,...' -> (name, the scale with those `student_*` numbers replaced)."""
     name, _, sets = text.partition(":")
-    out = dict(scale)
-    for item in filter(None, sets.split(",")):
-        key, _, value = item.partition("=")
-        if not key.startswith("student_") or key not in scale:
-            raise SystemExit(f"--variant {text!r}: {key!r} is not a student_* number of the scale")
-        out[key] = float(value)
-    return name, out
+    bad = [k for k, _, _ in (i.partition("=") for i in filter(None, sets.split(","))) if not k.startswith("student_")]
+    if bad:
+        raise SystemExit(f"--variant {text!r}: {bad[0]!r} is not a student_* number of the scale")
+    return name, shapes.set_numbers(scale, sets, "--variant")
 
 
 def main(argv=None) -> None:
@@ -65,8 +61,8 @@ def main(argv=None) -> None:
     ae, te = shapes.load_ae(run), shapes.load_text_encoder(run)
     size, sets = scale["size"], heldout_sets(args.eval, scale["size"])
     score = lambda pipe: score_pipeline(pipe, sets, size, SHAPES.default_steps, SHAPES.default_guidance, run.log)  # noqa: E731
-    tspec = replace(SHAPES, transformer=shapes.teacher_config(), guidance_mode="cfg")
-    res = {"env": environment(dev), "argv": sys.argv, "teacher": score(Pipeline(tspec, teacher, ae, te, torch.float32)),
+    res = {"env": environment(dev), "argv": sys.argv,
+           "teacher": score(Pipeline(teacher_spec(), teacher, ae, te, torch.float32)),
            "variants": {}}  # fmt: skip
     write_json(args.out, res)
     for name, vscale in variants:
@@ -79,9 +75,8 @@ def main(argv=None) -> None:
         ema = flow.distill_student(student, teacher, data, budget, scale["batch"], recipe, seed=1,
                                    log=lambda m: (losses.append(m), run.log(m)), compile=run.compile)  # fmt: skip
         train_s = time.time() - t0
-        weights = {k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}  # scored as shipped: bf16-rounded
-        save_file(weights, run.workdir / f"flow_{name}.safetensors")
-        ema.load_state_dict({k: v.float() for k, v in weights.items()})
+        weights = shapes.save_bf16(ema, run.workdir / f"flow_{name}.safetensors")
+        ema.load_state_dict({k: v.float() for k, v in weights.items()})  # scored as shipped: bf16-rounded
         scores = score(Pipeline(SHAPES, ema.eval().requires_grad_(False), ae, te, torch.float32))
         res["variants"][name] = {"recipe": {**recipe.__dict__}, "steps": budget.total, "train_s": train_s,
                                  "last_log": losses[-1] if losses else None, "student": scores}  # fmt: skip

@@ -46,13 +46,18 @@ def score_pipeline(pipe: Pipeline, sets: dict, size: int, steps: int, guidance: 
     return out
 
 
+def teacher_spec():
+    """The embedded model's spec for its CFG teacher: no guidance embedding, real CFG (two forwards per step)."""
+    return replace(SHAPES, transformer=replace(SHAPES.transformer, use_guidance_embed=False), guidance_mode="cfg")
+
+
 def evaluate_models(student, teacher, ae, te, n: int, size: int, steps: int | None = None, log=print) -> dict:
     steps = steps or SHAPES.default_steps
     sets = heldout_sets(n, size)
     dtype = next(student.parameters()).dtype
     log(f"student (guidance-distilled, 1 forward/step, {steps} steps, g={SHAPES.default_guidance})")
     s = score_pipeline(Pipeline(SHAPES, student, ae, te, dtype), sets, size, steps, SHAPES.default_guidance, log)
-    tspec = replace(SHAPES, transformer=replace(SHAPES.transformer, use_guidance_embed=False), guidance_mode="cfg")
+    tspec = teacher_spec()
     log(f"teacher (real CFG, 2 forwards/step, {steps} steps, scale {SHAPES.default_guidance})")
     t = score_pipeline(Pipeline(tspec, teacher, ae, te, dtype), sets, size, steps, SHAPES.default_guidance, log)
     return {"n_per_set": n, "size": size, "steps": steps, "guidance": SHAPES.default_guidance,

@@ -129,19 +129,24 @@ def teacher_batch(data: LatentSet, batch: int, gen, noise, p_uncond: float, n_re
     return n_refs, xt, ref, t, ctx, eps - x0
 
 
-def warm_up(fn, data: LatentSet, batch: int, p_uncond: float) -> None:
-    """Run `fn` forward and backward on a teacher batch of every reference count, built exactly as training
-    builds them (torch.compile specialises on strides too), so every graph is compiled before the step budget
-    is fitted; uses its own generators and drops the gradients."""
-    dev = data.tokens.device
-    gen, noise = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(0)
+def teacher_loss(fn, data: LatentSet, drawn) -> torch.Tensor:
+    """The flow-matching loss of `fn` on a `teacher_batch`."""
+    n_refs, xt, ref, t, ctx, target = drawn
+    dev = xt.device
+    ids, ctx_ids = batch_ids(data, n_refs, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        pred = velocity(fn, xt, ref, ids, t, ctx, ctx_ids)
+    return F.mse_loss(pred.float(), target)
+
+
+def warm_up(data: LatentSet, params, loss_for) -> None:
+    """Run `loss_for(gen, noise, n_refs)` forward and backward for every reference count, on batches built exactly
+    as training builds them (torch.compile specialises on strides too), so every graph is compiled before the step
+    budget is fitted; uses its own generators and drops the gradients of `params`."""
+    gen, noise = torch.Generator().manual_seed(0), torch.Generator(device=data.tokens.device).manual_seed(0)
     for n in sorted(data.groups):
-        n_refs, xt, ref, t, ctx, target = teacher_batch(data, batch, gen, noise, p_uncond, n)
-        ids, ctx_ids = batch_ids(data, n_refs, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = velocity(fn, xt, ref, ids, t, ctx, ctx_ids)
-        F.mse_loss(pred.float(), target).backward()
-    for p in fn.parameters():
+        loss_for(gen, noise, n).backward()
+    for p in params:
         p.grad = None
 
 
@@ -155,17 +160,15 @@ def train_teacher(model, data: LatentSet, budget: Budget, batch, lr=5e-4, p_unco
     model.train()
     fn = forward_fn(model, compile)
     if compile:
-        warm_up(fn, data, batch, p_uncond)
+        warm_up(data, model.parameters(),
+                lambda gen, noise, n: teacher_loss(fn, data, teacher_batch(data, batch, gen, noise, p_uncond, n)))  # fmt: skip
     step = 0
     while budget.running(step):
-        n_refs, xt, ref, t, ctx, target = teacher_batch(data, batch, gen, noise, p_uncond)
-        ids, ctx_ids = batch_ids(data, n_refs, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = velocity(fn, xt, ref, ids, t, ctx, ctx_ids)
-        loss = F.mse_loss(pred.float(), target)
+        drawn = teacher_batch(data, batch, gen, noise, p_uncond)
+        loss = teacher_loss(fn, data, drawn)
         optimizer_step(opt, sched, loss, model.parameters())
         avg.update(model)
-        step = budget.tick(step, log, 250, lambda: f"teacher refs {n_refs} loss {loss.item():.4f}")
+        step = budget.tick(step, log, 250, lambda: f"teacher refs {drawn[0]} loss {loss.item():.4f}")
     return avg.model
 
 
@@ -241,12 +244,8 @@ def distill_student(student, teacher, data: LatentSet, budget: Budget, batch, re
     student.train()
     student_fn, teacher_fn = forward_fn(student, compile, "blocks"), forward_fn(teacher, compile, "blocks")
     if compile:
-        wgen, wnoise = torch.Generator().manual_seed(0), torch.Generator(device=dev).manual_seed(0)
-        for n in sorted(data.groups):
-            distill_loss(student_fn, teacher_fn, data, student_batch(data, batch, wgen, wnoise, recipe, n),
-                         recipe).backward()  # fmt: skip
-        for p in student.parameters():
-            p.grad = None
+        warm_up(data, student.parameters(), lambda gen, noise, n: distill_loss(
+            student_fn, teacher_fn, data, student_batch(data, batch, gen, noise, recipe, n), recipe))  # fmt: skip
     step = 0
     while budget.running(step):
         drawn = student_batch(data, batch, gen, noise, recipe)

@@ -145,7 +145,14 @@ def stage_teacher(run: Run) -> None:
         run.log("teacher: resuming from teacher.safetensors")
     ema = flow.train_teacher(model, latent_set(run), run.budget("teacher"), run.scale["batch"], lr=run.scale["lr"],
                              seed=run.seed, log=run.log, compile=run.compile)  # fmt: skip
-    save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "teacher.safetensors")
+    save_bf16(ema, run.workdir / "teacher.safetensors")
+
+
+def save_bf16(model, path: Path) -> dict:
+    """Save a flow model's weights rounded to bf16 (as the stages keep them); returns what was saved."""
+    weights = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    save_file(weights, path)
+    return weights
 
 
 def load_flow(run: Run, name: str, cfg) -> Flux2:
@@ -171,7 +178,7 @@ def stage_student(run: Run) -> None:
         student = flow.student_from_teacher(teacher, Flux2(SHAPES.transformer).to(run.device)).requires_grad_(True)
     ema = flow.distill_student(student, teacher, latent_set(run), run.budget("student"), run.scale["batch"],
                                distill_recipe(run.scale), seed=run.seed + 1, log=run.log, compile=run.compile)  # fmt: skip
-    save_file({k: v.to(torch.bfloat16) for k, v in ema.state_dict().items()}, run.workdir / "flow.safetensors")
+    save_bf16(ema, run.workdir / "flow.safetensors")
 
 
 def stage_eval(run: Run) -> None:
@@ -205,6 +212,22 @@ def stage_export(run: Run) -> None:
     run.log(f"exported to {out}")
 
 
+def set_numbers(scale: dict, text: str, flag: str = "--set") -> dict:
+    """A copy of `scale` with the numbers of 'KEY=VALUE,...' replaced (each keeps its type); SystemExit names
+    what is wrong."""
+    scale = dict(scale)
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if not isinstance(scale.get(key), (int, float)):
+            numbers = ", ".join(k for k, v in scale.items() if isinstance(v, (int, float)))
+            raise SystemExit(f"{flag}: {key!r} is not a number of the scale (in {item!r}); choose from {numbers}")
+        try:
+            scale[key] = type(scale[key])(value)
+        except ValueError:
+            raise SystemExit(f"{flag}: {value!r} is not a {type(scale[key]).__name__} (in {item!r})") from None
+    return scale
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Train the embedded fluxrt-shapes model in resumable stages.")
     ap.add_argument("--workdir", default="runs/shapes")
@@ -233,15 +256,7 @@ def main(argv=None) -> None:
             scale[stage] = (scale[stage][0], float(sec))
         except ValueError:
             raise SystemExit(f"--seconds: {sec!r} is not a number of seconds (in {item!r})") from None
-    for item in filter(None, args.set.split(",")):
-        key, _, value = item.partition("=")
-        if not isinstance(scale.get(key), (int, float)):
-            numbers = ", ".join(k for k, v in scale.items() if isinstance(v, (int, float)))
-            raise SystemExit(f"--set: {key!r} is not a number of the scale (in {item!r}); choose from {numbers}")
-        try:
-            scale[key] = type(scale[key])(value)
-        except ValueError:
-            raise SystemExit(f"--set: {value!r} is not a {type(scale[key]).__name__} (in {item!r})") from None
+    scale = set_numbers(scale, args.set)
     device = torch.device(args.device)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     run = Run(Path(args.workdir), device, scale, args.seed, args.workers, compile)
