@@ -132,12 +132,17 @@ def inputs(cfg, size: int, refs: int, device, dtype, n_txt: int = 512, seed: int
     return tuple(moved)
 
 
+def attention_flops(cfg, n_tokens: int) -> float:
+    """FLOPs of one block's attention over `n_tokens` (QK^T and PV, 2 per multiply-add)."""
+    return 2 * 2 * n_tokens * n_tokens * cfg.hidden_size
+
+
 def step_flops(cfg, n_txt: int, n_img: int) -> float:
     """Matmul + attention FLOPs of one forward (2 per multiply-add); elementwise work is not counted."""
     h, m, n = cfg.hidden_size, cfg.mlp_hidden, n_txt + n_img
     double = 2 * n * (3 * h * h + h * h + 2 * m * h + m * h)  # each token goes through its own stream once
     single = 2 * n * ((3 * h + 2 * m) * h + (h + m) * h)
-    attn = 2 * 2 * n * n * h  # QK^T and PV
+    attn = attention_flops(cfg, n)
     embed = 2 * (n_img * cfg.in_channels * h + n_txt * cfg.context_in_dim * h + n_img * h * cfg.in_channels)
     return cfg.depth * (double + attn) + cfg.depth_single_blocks * (single + attn) + embed
 

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     Budget,
+    attention_flops,
     bench_device,
     dynamo_limits,
     environment,
@@ -97,7 +98,7 @@ def classify(name: str) -> str:
 def flop_split(cfg, n_txt: int, n_img: int) -> dict:
     """FLOPs of one step: total (`step_flops`), attention (QK^T and PV of every block), linear (the rest)."""
     total = step_flops(cfg, n_txt, n_img)
-    attention = (cfg.depth + cfg.depth_single_blocks) * 4 * (n_txt + n_img) ** 2 * cfg.hidden_size
+    attention = (cfg.depth + cfg.depth_single_blocks) * attention_flops(cfg, n_txt + n_img)
     return {"total": total, "attention": attention, "linear": total - attention}
 
 
