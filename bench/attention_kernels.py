@@ -32,13 +32,13 @@ def run(args) -> dict:
     lengths = {"tiny": 64} if args.dry_run else LENGTHS
     heads = 2 if args.dry_run else args.heads
     res = {"env": environment(device), "heads": heads, "head_dim": 128, "rows": []}
-    gen = torch.Generator(device).manual_seed(0)
+    gen, backends = torch.Generator(device).manual_seed(0), attention_backends()
     for label, n in lengths.items():
         q, k, v = (torch.randn(1, heads, n, 128, device=device, dtype=dtype, generator=gen) for _ in range(3))
-        ref = attention_backends()["sdpa"](q, k, v).float()
+        ref = backends["sdpa"](q, k, v).float()
         flops = 4 * n * n * heads * 128
         for name in kernels:
-            fn = attention_backends()[name]
+            fn = backends[name]
             try:
                 out = fn(q, k, v)
                 times = time_steps(lambda: fn(q, k, v), device, 3, args.iters)
@@ -66,9 +66,10 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
-    unknown = [k for k in args.kernels if k not in attention_backends()]
+    known = attention_backends()
+    unknown = [k for k in args.kernels if k not in known]
     if unknown:
-        ap.error(f"unknown kernels {unknown}; known: {', '.join(sorted(attention_backends()))}")
+        ap.error(f"unknown kernels {unknown}; known: {', '.join(sorted(known))}")
     return run_main(run, args)
 
 

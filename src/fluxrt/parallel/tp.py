@@ -72,7 +72,7 @@ def shard_cols(w: torch.Tensor, blocks: list[int], rank: int, world: int) -> tor
 
 
 def _fp8_shard(w: torch.Tensor, shard, blocks: list[int], rank: int, world: int) -> torch.Tensor:
-    """`shard_rows` or `shard_cols` of an e4m3 weight, moved as bytes (concatenation of float8 is not everywhere)."""
+    """`shard_rows` or `shard_cols` of an e4m3 weight, moved as bytes: no float8 copy kernel needed on its device."""
     return shard(w.view(torch.uint8), blocks, rank, world).view(E4M3)
 
 
@@ -90,11 +90,10 @@ def _row(lin: nn.Linear | Fp8Linear, blocks: list[int], rank: int, world: int, g
     if not isinstance(lin, Fp8Linear):
         return RowParallelLinear(shard_cols(lin.weight.data, blocks, rank, world), group)
     w = _fp8_shard(lin.weight, shard_cols, blocks, rank, world)
+    # built on w's device, so that "auto" resolves there; its empty buffers are replaced at once
     out = Fp8RowParallelLinear(w.shape[1], w.shape[0], impl="auto" if lin.auto else lin.impl,
-                               fast_accum=lin.fast_accum, device="meta")  # fmt: skip
+                               fast_accum=lin.fast_accum, device=w.device)  # fmt: skip
     out.weight, out.weight_scale, out.group = w, lin.weight_scale, group  # one scale per (whole) output row
-    if out.auto:
-        out.impl = out._resolve()
     return out
 
 
