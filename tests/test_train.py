@@ -103,6 +103,29 @@ def test_warm_up_batches_match_training_batches_in_layout():
                 assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
 
 
+def test_vae_stage_trains_again_when_held_out_mse_is_over_the_bar_and_keeps_the_best(tmp_path, monkeypatch):
+    import re
+
+    from fluxrt.models.autoencoder import AutoEncoder
+    from fluxrt.train import vae
+
+    clips = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, c: clips.append(c) or real_clip(p, c))
+    shapes.main(["--workdir", str(tmp_path), "--scale", "smoke", "--device", "cpu", "--workers", "1",
+                 "--stages", "vae", "--set", "vae_max_mse=0,vae_tries=2,vae_clip=0.5"])  # fmt: skip
+    log = (tmp_path / "log.txt").read_text()
+    scores = [(float(m), int(s)) for m, s in re.findall(r"held-out reconstruction MSE ([\d.]+) \(seed (\d)\)", log)]
+    assert [s for _, s in scores] == [0, 1] and "training again" in log and "keeping the best run" in log
+    assert clips and set(clips) == {0.5}  # every VAE step clipped at vae_clip
+    ae = AutoEncoder(SHAPES.autoencoder)
+    ae.load_state_dict(load_file(tmp_path / "ae.safetensors"))
+    run = shapes.Run(tmp_path, torch.device("cpu"), shapes.SCALES["smoke"])
+    n = run.scale["vae_images"]
+    held = run.images(n + run.scale["vae_held"])[n:]
+    assert vae.reconstruction_mse(ae.eval(), held) == pytest.approx(min(m for m, _ in scores), abs=1e-5)
+
+
 def test_set_overrides_numbers_of_the_scale(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(shapes, "stage_text", lambda run: seen.update(run.scale))

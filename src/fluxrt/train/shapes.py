@@ -32,10 +32,12 @@ from .schedule import Budget
 SCALES = {
     # examples, image size, max steps and wall-time seconds per stage, batch, eval samples per set
     "full": dict(examples=80_000, size=256, lm=(3000, 40), vae=(20000, 120), teacher=(60000, 760),
-                 student=(20000, 330), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128, eval=100,
+                 student=(20000, 330), batch=256, lr=8e-4, vae_images=24_000, vae_crop=128,
+                 vae_clip=1.0, vae_held=1024, vae_max_mse=0.005, vae_tries=2, eval=100,
                  student_lr=5e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.5),
     "smoke": dict(examples=48, size=64, lm=(2, None), vae=(2, None), teacher=(2, None), student=(2, None),
-                  batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, eval=2,
+                  batch=4, lm_batch=4, lr=5e-4, vae_images=16, vae_crop=32, vae_clip=1.0, vae_held=4,
+                  vae_max_mse=1.0, vae_tries=1, eval=2,
                   student_lr=5e-4, student_focus=0.0, student_g_fixed_frac=0.0, student_ref_boost=1.5),
 }  # fmt: skip
 STAGES = ("text", "vae", "teacher", "student", "eval", "export")
@@ -98,14 +100,30 @@ def load_text_encoder(run: Run):
 
 
 def stage_vae(run: Run) -> None:
-    torch.manual_seed(run.seed)
-    ae = AutoEncoder(SHAPES.autoencoder).to(run.device)
-    images = run.images(run.scale["vae_images"]).to(run.device)
-    loss = vae.train_vae(ae, images, run.budget("vae"), min(64, run.scale["batch"]), seed=run.seed,
-                         crop=run.scale["vae_crop"], log=run.log)  # fmt: skip
-    vae.fit_latent_stats(ae, images)
+    """Train the VAE on the first `vae_images` renders and score it on the next `vae_held` (reconstruction MSE).
+    A run scoring over `vae_max_mse` is trained again from the next seed, up to `vae_tries` runs, and the best is
+    kept: the schedule follows wall time, and one of three unclipped H100 runs whose losses were logged diverged
+    (held-out MSE 0.037 against 0.001-0.002), which left every colour wrong downstream."""
+    n = run.scale["vae_images"]
+    images = run.images(n + run.scale["vae_held"]).to(run.device)
+    best = None
+    for attempt in range(run.scale["vae_tries"]):
+        seed = run.seed + attempt
+        torch.manual_seed(seed)
+        ae = AutoEncoder(SHAPES.autoencoder).to(run.device)
+        loss = vae.train_vae(ae, images[:n], run.budget("vae"), min(64, run.scale["batch"]), seed=seed,
+                             crop=run.scale["vae_crop"], clip=run.scale["vae_clip"], log=run.log)  # fmt: skip
+        mse = vae.reconstruction_mse(ae, images[n:]) if len(images) > n else 0.0
+        run.log(f"vae: final loss {loss:.5f}, held-out reconstruction MSE {mse:.5f} (seed {seed})")
+        if best is None or mse < best[0]:
+            best = (mse, ae)
+        if mse <= run.scale["vae_max_mse"]:
+            break
+        run.log(f"vae: held-out MSE {mse:.5f} is over {run.scale['vae_max_mse']}" +
+                (", training again" if attempt + 1 < run.scale["vae_tries"] else ", keeping the best run"))  # fmt: skip
+    ae = best[1]
+    vae.fit_latent_stats(ae, images[:n])
     save_file(ae.state_dict(), run.workdir / "ae.safetensors")
-    run.log(f"vae: final loss {loss:.5f}")
 
 
 def load_ae(run: Run) -> AutoEncoder:

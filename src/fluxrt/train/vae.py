@@ -28,9 +28,10 @@ def _crops(x: torch.Tensor, size: int | None, g: torch.Generator) -> torch.Tenso
 
 
 def train_vae(ae: AutoEncoder, images: torch.Tensor, budget: Budget, batch: int, lr=1e-3, kl=1e-6, seed=0,
-              crop: int | None = None, log=print):  # fmt: skip
+              crop: int | None = None, clip: float = 0.0, log=print):  # fmt: skip
     """Train in place on uint8 `images` (N, S, S, 3) already on the training device, on random `crop`-pixel
-    crops (whole images if None); loss MSE + 0.1 L1 + kl * KL. Returns the last loss."""
+    crops (whole images if None); loss MSE + 0.1 L1 + kl * KL, gradient norm clipped to `clip` if > 0. Returns
+    the last loss."""
     g = torch.Generator(device=images.device).manual_seed(seed)
     opt, sched = cosine_optim(ae.parameters(), lr, budget, floor=0.02)
     ae.train()
@@ -43,10 +44,21 @@ def train_vae(ae: AutoEncoder, images: torch.Tensor, budget: Budget, batch: int,
             rec = ae.decoder(z).float()
         kl_term = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + kl * kl_term
-        optimizer_step(opt, sched, loss)
+        optimizer_step(opt, sched, loss, list(ae.parameters()) if clip > 0 else None, clip)
         step = budget.tick(step, log, 250, lambda: f"vae loss {loss.item():.5f}")
     ae.eval().requires_grad_(False)
     return float(loss.detach())
+
+
+@torch.no_grad()
+def reconstruction_mse(ae: AutoEncoder, images: torch.Tensor, batch: int = 256) -> float:
+    """Mean squared error, in [-1, 1] pixels, of decode(encode(x)) (the posterior mean, as inference uses) over
+    uint8 `images` (N, S, S, 3) on the AE's device."""
+    total = 0.0
+    for i in range(0, len(images), batch):
+        x = to_pixels(images[i : i + batch])
+        total += F.mse_loss(ae.decode(ae.encode(x)).float(), x, reduction="sum").item()
+    return total / images.numel()
 
 
 @torch.no_grad()
