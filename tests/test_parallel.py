@@ -135,6 +135,40 @@ def test_compiled_sequence_parallel_equals_single_process():
     assert _run(2, _compiled_worker) < TOL
 
 
+def _sharded_load_worker(path: str, tp: int) -> tuple[float, float, float, list[str]]:
+    """Each rank loads only its shards from the file (`sharded_loading`); compared with the whole model loaded and
+    then split, and with one process's forward."""
+    from fluxrt.loading.checkpoint import load_transformer
+    from fluxrt.parallel.tp import sharded_loading
+
+    torch.set_num_threads(1)
+    full, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer)
+    inputs = _inputs(True)
+    with torch.no_grad():
+        ref = full(*inputs[:5], guidance=inputs[5])
+    mesh = make_mesh(dist.get_world_size() // tp, tp)
+    split_after, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer)
+    split_after = apply_tensor_parallel(split_after, mesh.tp_group)
+    model, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer, sharded_loading(mesh.tp_group))
+    a, b = model.state_dict(), split_after.state_dict()
+    differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+    qkv = model.double_blocks[0].img_attn.qkv.weight.shape[0] / full.double_blocks[0].img_attn.qkv.weight.shape[0]
+    with torch.no_grad():
+        out = parallelize(model, mesh, "ulysses")(*inputs[:5], guidance=inputs[5])
+    return _max_over_ranks((out - ref).abs().max().item()), _max_over_ranks(qkv), _max_over_ranks(len(differ)), differ
+
+
+@pytest.mark.parametrize("n,tp,layout", [(2, 2, "bfl"), (4, 2, "diffusers"), (4, 4, "bfl")])
+def test_tensor_parallel_ranks_load_only_their_shards(tmp_path, n, tp, layout):
+    from fluxrt.loading.checkpoint import save_bfl, save_diffusers
+
+    model = tiny_flow(guidance_embed=True)
+    path = save_bfl(model, tmp_path / "flow.safetensors") if layout == "bfl" else save_diffusers(model, tmp_path / "d")
+    err, qkv_share, n_differ, differ = _run(n, _sharded_load_worker, str(path), tp)
+    assert n_differ == 0 and differ == []  # every rank's tensors equal those of the whole model split after loading
+    assert qkv_share == 1 / tp and err < TOL
+
+
 def test_heads_not_divisible_by_world_size():
     ulysses, tp, ring_diff = _run(2, _errors_worker)
     assert "heads per rank 3" in ulysses and "world size 2" in ulysses

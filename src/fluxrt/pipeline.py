@@ -194,7 +194,8 @@ class Pipeline:
              dtype: torch.dtype | None = None, offload_text_encoder: bool | None = None,
              preset: str | None = None, compile: bool = False, load_text_encoder: bool = True,
              text_encoder_url: str | None = None, text_encoder_token: str | None = None, quant: str | None = None,
-             vram: int | str | None = None, offload: str | None = None, plan=None) -> Pipeline:  # fmt: skip
+             vram: int | str | None = None, offload: str | None = None, plan=None,
+             transformer_split=None) -> Pipeline:  # fmt: skip
         """Load a model (see the module docstring) with each component on its own device (default: cuda if any).
 
         dtype: transformer and text encoder compute dtype (default bf16 on a GPU, fp32 on the CPU); the VAE runs
@@ -206,7 +207,8 @@ class Pipeline:
         token: text_encoder_token, default $FLUXRT_TOKEN) instead of loading the text encoder here.
         quant ("fp8" | "nf4" | "int4", lossy), vram (a budget: bytes or "24GB") and offload ("stream": stream the
         transformer's blocks) go to `fluxrt.memory.plan_memory`, or pass its `plan`; the plan then decides
-        formats and placements (text encoder too) and is kept as `pipe.plan`.
+        formats and placements (text encoder too) and is kept as `pipe.plan`. transformer_split: passed to
+        `load_transformer` (tensor-parallel ranks load only their shards: `fluxrt.parallel.tp.sharded_loading`).
         """
         dev = parse_device(device)
         te_dev = parse_device(text_encoder_device) if text_encoder_device is not None else dev
@@ -219,7 +221,7 @@ class Pipeline:
 
         plan = memory_plan(ref.spec, dev, dtype or _default_dtype(dev), quant, vram, offload, plan, compile)
         t_dev, te_load_dev = load_devices(plan, dev, te_dev) if plan else (dev, te_dev)
-        transformer, _ = load_transformer(root, t_dev, dtype or _default_dtype(dev), ref.spec)
+        transformer, _ = load_transformer(root, t_dev, dtype or _default_dtype(dev), ref.spec, transformer_split)
         ae = load_autoencoder(_ae_source(root, ref.spec), ae_dev, torch.float32, ref.spec.autoencoder)
         if text_encoder_url is not None:
             from .service.remote import RemoteTextEncoder  # stdlib HTTP only: no server libraries needed here

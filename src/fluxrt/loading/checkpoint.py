@@ -129,8 +129,10 @@ def check_keys(model: torch.nn.Module, shapes: dict, unmapped: list[str], src: C
 # -------------------------------------------------------------------------------------------------- streaming
 def _groups(src: ComponentSource) -> list[list[str]]:
     """Names read and converted together: one block at a time for diffusers transformers, else all at once."""
-    if src.key_names == "bfl" or src.component == "vae":
-        return [sorted(src.tensors)]  # no conversion (BFL) or a small model whose up-block order needs all keys
+    if src.key_names == "bfl":
+        return [[name] for name in sorted(src.tensors)]  # no conversion: one tensor at a time
+    if src.component == "vae":
+        return [sorted(src.tensors)]  # a small model whose up-block order needs all keys
     groups: dict[str, list[str]] = {}
     for name in sorted(src.tensors):
         m = _BLOCK.match(name)
@@ -146,9 +148,12 @@ def _to_bfl(part: dict, src: ComponentSource) -> dict:
     return keymaps.vae_diffusers_to_bfl(part)
 
 
-def stream_state_dict(src: ComponentSource, device, dtype_for: Callable[[str, torch.dtype], torch.dtype]) -> dict:
-    """BFL-named tensors on `device`, read tensor by tensor from the files and cast by `dtype_for(name, dtype)`."""
-    dev = str(torch.device(device))
+def stream_state_dict(src: ComponentSource, device, dtype_for: Callable[[str, torch.dtype], torch.dtype],
+                      place: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict:  # fmt: skip
+    """BFL-named tensors on `device`, read tensor by tensor from the files and cast by `dtype_for(name, dtype)`.
+    With `place`, tensors are read on the CPU and each BFL-named tensor becomes `place(name, tensor)` (a rank's
+    shard, say) before it is cast and moved to `device`."""
+    dev = "cpu" if place is not None else str(torch.device(device))
     out = {}
     with ExitStack() as stack:
         handles: dict[Path, object] = {}
@@ -159,8 +164,9 @@ def stream_state_dict(src: ComponentSource, device, dtype_for: Callable[[str, to
                 if ref.file not in handles:
                     handles[ref.file] = stack.enter_context(safe_open(str(ref.file), framework="pt", device=dev))
                 t = handles[ref.file].get_tensor(ref.key)
-                part[name] = t.to(dtype_for(name, t.dtype))
-            out.update(_to_bfl(part, src))
+                part[name] = t if place is not None else t.to(dtype_for(name, t.dtype))
+            for name, t in _to_bfl(part, src).items():
+                out[name] = t if place is None else place(name, t).to(device, dtype_for(name, t.dtype))
             del part
     return out
 
@@ -187,16 +193,20 @@ def _cast_rule(dtype: torch.dtype | None, keep_fp32=()) -> Callable[[str, torch.
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def load_transformer(path_or_repo, device="cpu", dtype: torch.dtype | None = None, spec=None):
-    """Load the flow transformer strictly; returns (model in eval mode, ModelSpec or TransformerConfig)."""
+def load_transformer(path_or_repo, device="cpu", dtype: torch.dtype | None = None, spec=None, split=None):
+    """Load the flow transformer strictly; returns (model in eval mode, ModelSpec or TransformerConfig).
+
+    split(model) -> place: restructures the model (tensor parallelism: `fluxrt.parallel.tp.sharded_loading`) and
+    returns `place(name, full tensor) -> the tensor the new model holds`. It is called on the meta model after the
+    key check, so only the places reach `device`; quantized files are loaded whole and then split."""
     from . import quantized  # quantized files (fluxrt, bnb 4-bit, scaled fp8, GGUF): loading/quantized.py
 
     want = _as_transformer_spec(spec)
     if quantized.is_gguf(path_or_repo):
-        return quantized.load_gguf_transformer(path_or_repo, device, dtype, want)
+        return _split_built(quantized.load_gguf_transformer(path_or_repo, device, dtype, want), split)
     src = find_component(path_or_repo, "transformer", want.flow_file if isinstance(want, ModelSpec) else None)
     if quantized.quant_format(src):
-        return quantized.load_quantized_transformer(src, device, dtype, want)
+        return _split_built(quantized.load_quantized_transformer(src, device, dtype, want), split)
     _refuse_quantized(src)
     shapes, unmapped = to_bfl_shapes(src.shapes, "transformer", src.key_names)
     result = want if want is not None else _detected_transformer(src, shapes)
@@ -204,8 +214,16 @@ def load_transformer(path_or_repo, device="cpu", dtype: torch.dtype | None = Non
     with torch.device("meta"):
         model = Flux2(cfg)
     check_keys(model, shapes, unmapped, src, _what(result))
-    _load_strict(model, stream_state_dict(src, device, _cast_rule(dtype)), src)
+    place = split(model) if split is not None else None
+    _load_strict(model, stream_state_dict(src, device, _cast_rule(dtype), place), src)
     return model.eval(), result
+
+
+def _split_built(loaded: tuple, split) -> tuple:
+    """(model, spec) with `split` applied to the built model (its weights sliced in place)."""
+    if split is not None:
+        split(loaded[0])
+    return loaded
 
 
 def load_autoencoder(path_or_repo, device="cpu", dtype: torch.dtype | None = torch.float32, config=None):

@@ -24,8 +24,9 @@ from .tp import RowParallelLinear, apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, mesh: Mesh, attention: str = "ulysses", inner: str = "sdpa") -> nn.Module:
-    """Tensor parallel over mesh.tp_group (if tp > 1), then sequence parallel over mesh.sp_group (if sp > 1)."""
-    if mesh.tp > 1:
+    """Tensor parallel over mesh.tp_group (if tp > 1 and the model was not loaded sharded over it), then sequence
+    parallel over mesh.sp_group (if sp > 1)."""
+    if mesh.tp > 1 and getattr(model, "tensor_parallel", 1) != mesh.tp:
         model = apply_tensor_parallel(model, mesh.tp_group)
     if mesh.sp > 1:
         model = SequenceParallel(model, mesh.sp_group, attention, inner)

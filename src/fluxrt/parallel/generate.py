@@ -7,9 +7,9 @@ Contract:
     launch.run(ref, args, valid, record) -> [GenerationResult] in the main process, None on torchrun ranks > 0
     BroadcastTextEncoder(encoder | None, device)   rank 0 encodes, every rank receives the (B, T, C) features
 
-Every rank loads the transformer (then split by the plan, `fluxrt.parallel.parallelize`) and the VAE, and runs
-the same validated request with the same seeds: after each step every rank holds the same full latent, so the
-sampler is unchanged. Only rank 0 loads the text encoder (dev's is 24B parameters: one copy, not N) and
+Every rank loads the transformer (split by the plan, `fluxrt.parallel.parallelize`; under TP without a memory plan
+it reads only its shards, `tp.sharded_loading`) and the VAE, and runs the same validated request with the same
+seeds: after each step every rank holds the same full latent, so the sampler is unchanged. Only rank 0 loads the text encoder (dev's is 24B parameters: one copy, not N) and
 broadcasts its features. Every rank encodes its references and decodes with its own VAE (84M parameters), so
 all ranks run exactly `Pipeline.run`; only rank 0's images are kept. Only the main process (rank 0 under torchrun,
 the parent under --gpus) builds the safety guard, prints and writes files. An error on any rank ends the run with
@@ -152,16 +152,21 @@ def _device_type(args, world: int, spawning: bool) -> str:
     return kind
 
 
-def _load_on_rank(ref, args, record, rank: int, device: torch.device):
-    """This rank's pipeline: every component but the text encoder, which only rank 0 loads."""
+def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None):
+    """This rank's pipeline: every component but the text encoder, which only rank 0 loads. Under tensor
+    parallelism without a memory plan (--quant/--vram/--offload quantize or place the whole model first), the rank
+    reads only its shards of the transformer (`tp.sharded_loading`)."""
     from ..cli import _load
+    from .tp import sharded_loading
 
+    whole_first = getattr(args, "plan", None) is not None  # a memory plan quantizes or places the whole model
+    split = sharded_loading(mesh.tp_group) if mesh is not None and mesh.tp > 1 and not whole_first else None
     a = copy.copy(args)
     a.device = str(device)
     a.compile = False  # compiled after the plan is applied (collectives inside the blocks)
     if rank != 0:  # --text-encoder-device / --ae-device place rank 0's components; the others keep theirs local
         a.text_encoder_device = a.ae_device = None
-    pipe = _load(ref, a, record, load_text_encoder=rank == 0)
+    pipe = _load(ref, a, record, load_text_encoder=rank == 0, transformer_split=split)
     pipe.text_encoder = BroadcastTextEncoder(pipe.text_encoder if rank == 0 else None, device)
     return pipe
 
@@ -170,9 +175,9 @@ def rank_generate(plan: Plan, ref, args, valid, record, show_progress: bool):
     """One rank's part of a parallel `fluxrt generate` (in an initialised group): load, split, run the request."""
     from ..cli import Progress
 
-    rank, device = dist.get_rank(), _rank_device()
-    pipe = _load_on_rank(ref, args, record, rank, device)
-    pipe.transformer = parallelize(pipe.transformer, make_mesh(plan.sp, plan.tp), plan.attention)
+    rank, device, mesh = dist.get_rank(), _rank_device(), make_mesh(plan.sp, plan.tp)
+    pipe = _load_on_rank(ref, args, record, rank, device, mesh)
+    pipe.transformer = parallelize(pipe.transformer, mesh, plan.attention)
     if getattr(args, "compile", False):
         from ..accel import compile_transformer
 

@@ -26,12 +26,14 @@ features) are refused.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.transformer import DoubleStreamBlock, SelfAttention, SingleStreamBlock
+from ..models.transformer import DoubleStreamBlock
 from ..quant.fp8 import E4M3, Fp8Linear
 from .sp import check_divisible
 
@@ -97,22 +99,52 @@ def _row(lin: nn.Linear | Fp8Linear, blocks: list[int], rank: int, world: int, g
     return out
 
 
-def _shard_double(block: DoubleStreamBlock, h: int, m: int, rank: int, world: int, group) -> None:
-    for attn, mlp in ((block.img_attn, block.img_mlp), (block.txt_attn, block.txt_mlp)):
-        attn: SelfAttention
-        _column_(attn.qkv, [h, h, h], rank, world)  # [q | k | v] -> [q_r | k_r | v_r]
-        attn.proj = _row(attn.proj, [h], rank, world, group)
-        attn.heads //= world
-        _column_(mlp[0], [m, m], rank, world)  # [gate | up] -> [gate_r | up_r]
-        mlp[2] = _row(mlp[2], [m], rank, world, group)
+# BFL weight name -> how TP splits it: "rows" (output features, column-parallel) or "cols" (input features,
+# row-parallel), over consecutive blocks of these sizes (h: hidden size, m: MLP width)
+_SPLITS = (
+    (re.compile(r"double_blocks\.\d+\.(img|txt)_attn\.qkv\.weight"), "rows", lambda h, m: [h, h, h]),
+    (re.compile(r"double_blocks\.\d+\.(img|txt)_attn\.proj\.weight"), "cols", lambda h, m: [h]),
+    (re.compile(r"double_blocks\.\d+\.(img|txt)_mlp\.0\.weight"), "rows", lambda h, m: [m, m]),
+    (re.compile(r"double_blocks\.\d+\.(img|txt)_mlp\.2\.weight"), "cols", lambda h, m: [m]),
+    (re.compile(r"single_blocks\.\d+\.linear1\.weight"), "rows", lambda h, m: [h, h, h, m, m]),
+    (re.compile(r"single_blocks\.\d+\.linear2\.weight"), "cols", lambda h, m: [h, m]),
+)
 
 
-def _shard_single(block: SingleStreamBlock, h: int, m: int, rank: int, world: int, group) -> None:
-    _column_(block.linear1, [h, h, h, m, m], rank, world)  # -> [q_r | k_r | v_r | gate_r | up_r]
-    block.linear2 = _row(block.linear2, [h, m], rank, world, group)  # columns [attn_r | mlp_r]
-    block.heads //= world
-    block.hidden //= world  # the block splits linear1's output at 3*hidden, 2*mlp_hidden: local sizes now
-    block.mlp_hidden //= world
+def split_of(name: str, cfg) -> tuple[str, list[int]] | None:
+    """("rows" | "cols", block sizes) for a weight that tensor parallelism splits, None for a replicated one."""
+    for pattern, axis, blocks in _SPLITS:
+        if pattern.fullmatch(name):
+            return axis, blocks(cfg.hidden_size, cfg.mlp_hidden)
+    return None
+
+
+def shard_full(name: str, t: torch.Tensor, cfg, rank: int, world: int) -> torch.Tensor:
+    """The part of the full checkpoint tensor `name` that rank `rank` of `world` holds (all of it if replicated)."""
+    split = split_of(name, cfg)
+    if split is None:
+        return t
+    return (shard_rows if split[0] == "rows" else shard_cols)(t, split[1], rank, world)
+
+
+def _shard_block(block: nn.Module, prefix: str, cfg, rank: int, world: int, group) -> None:
+    """Column-shard the block's "rows" linears in place; replace its "cols" linears by row-parallel ones."""
+    for name, lin in list(block.named_modules()):
+        split = split_of(f"{prefix}.{name}.weight", cfg)
+        if split is None:
+            continue
+        if split[0] == "rows":
+            _column_(lin, split[1], rank, world)
+        else:
+            parent, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent), attr, _row(lin, split[1], rank, world, group))
+    if isinstance(block, DoubleStreamBlock):
+        block.img_attn.heads //= world
+        block.txt_attn.heads //= world
+    else:
+        block.heads //= world
+        block.hidden //= world  # the block splits linear1's output at 3*hidden, 2*mlp_hidden: local sizes now
+        block.mlp_hidden //= world
 
 
 def apply_tensor_parallel(model: nn.Module, group=None) -> nn.Module:
@@ -132,10 +164,23 @@ def apply_tensor_parallel(model: nn.Module, group=None) -> nn.Module:
     if odd:  # 4-bit layers keep scales per block of input features that a column split would cut through
         raise ValueError(f"tensor parallelism splits plain and fp8 linears; the blocks hold {', '.join(odd)} "
                          f"(4-bit?): use sequence parallelism (--parallel sp or ring) for this model")  # fmt: skip
-    h, m = cfg.hidden_size, cfg.mlp_hidden
-    for block in model.double_blocks:
-        _shard_double(block, h, m, rank, world, group)
-    for block in model.single_blocks:
-        _shard_single(block, h, m, rank, world, group)
+    for i, block in enumerate(model.double_blocks):
+        _shard_block(block, f"double_blocks.{i}", cfg, rank, world, group)
+    for i, block in enumerate(model.single_blocks):
+        _shard_block(block, f"single_blocks.{i}", cfg, rank, world, group)
     model.tensor_parallel = world
     return model
+
+
+def sharded_loading(group=None):
+    """A `split` for `load_transformer`: it shards the model (on the meta device, before any tensor is read) and
+    tells the loader which part of each full checkpoint tensor this rank keeps, so a rank reads its shard and
+    never holds the whole transformer on its device."""
+    group = group if group is not None else dist.group.WORLD
+
+    def split(model: nn.Module):
+        apply_tensor_parallel(model, group)
+        world, rank, cfg = dist.get_world_size(group), dist.get_rank(group), model.cfg
+        return lambda name, t: shard_full(name, t, cfg, rank, world)
+
+    return split
