@@ -158,6 +158,43 @@ def _sharded_load_worker(path: str, tp: int) -> tuple[float, float, float, list[
     return _max_over_ranks((out - ref).abs().max().item()), _max_over_ranks(qkv), _max_over_ranks(len(differ)), differ
 
 
+def _sharded_fp8_worker(path: str) -> tuple[float, float]:
+    """`--quant fp8 --parallel tp`: shards loaded then quantized (row shards with whole-row scales) against the whole
+    model quantized then split. Returns the number of differing tensors and the max |output difference|."""
+    from fluxrt.loading.checkpoint import load_transformer
+    from fluxrt.quant import quantize
+    from fluxrt.quant.fp8 import FP8_SKIP, Fp8Linear
+    from fluxrt.parallel.tp import Fp8RowParallelLinear, quantize_row_shards, sharded_loading
+
+    torch.set_num_threads(1)
+    whole, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer)
+    whole = apply_tensor_parallel(quantize(whole, "fp8"))
+    model, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer, sharded_loading())
+    model = quantize_row_shards(quantize(model, "fp8"), FP8_SKIP)
+    assert isinstance(model.double_blocks[0].img_attn.proj, Fp8RowParallelLinear)
+    assert isinstance(model.single_blocks[0].linear1, Fp8Linear)
+    a, b = model.state_dict(), whole.state_dict()
+    bits = {k: (t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t) for k, t in a.items()}
+    differ = [k for k in b if k not in a or not torch.equal(bits[k], b[k].view(torch.uint8) if b[k].dtype ==
+                                                            torch.float8_e4m3fn else b[k])]  # fmt: skip
+    inputs = _inputs(True)
+    for m in (model, whole):
+        for lin in m.modules():
+            if isinstance(lin, Fp8Linear):
+                lin.impl = "reference"
+    with torch.no_grad():
+        diff = (model(*inputs[:5], guidance=inputs[5]) - whole(*inputs[:5], guidance=inputs[5])).abs().max().item()
+    return _max_over_ranks(len(differ) + len(set(a) - set(b))), _max_over_ranks(diff)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_tensor_parallel_fp8_from_shards_equals_quantize_then_split(tmp_path, n):
+    from fluxrt.loading.checkpoint import save_bfl
+
+    path = save_bfl(tiny_flow(guidance_embed=True), tmp_path / "flow.safetensors")
+    assert _run(n, _sharded_fp8_worker, str(path)) == (0, 0.0)
+
+
 @pytest.mark.parametrize("n,tp,layout", [(2, 2, "bfl"), (4, 2, "diffusers"), (4, 4, "bfl")])
 def test_tensor_parallel_ranks_load_only_their_shards(tmp_path, n, tp, layout):
     from fluxrt.loading.checkpoint import save_bfl, save_diffusers

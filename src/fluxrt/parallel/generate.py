@@ -154,19 +154,24 @@ def _device_type(args, world: int, spawning: bool) -> str:
 
 def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None):
     """This rank's pipeline: every component but the text encoder, which only rank 0 loads. Under tensor
-    parallelism without a memory plan (--quant/--vram/--offload quantize or place the whole model first), the rank
-    reads only its shards of the transformer (`tp.sharded_loading`)."""
+    parallelism the rank reads only its shards of the transformer (`tp.sharded_loading`), also with `--quant fp8`
+    (row shards then quantized with their whole rows' scales: the layers equal the whole model's fp8 layers split
+    afterwards); other memory plans (4-bit, streamed blocks) load the whole model first."""
     from ..cli import _load
-    from .tp import sharded_loading
+    from ..quant.formats import ALWAYS_SKIP, default_skip
+    from .tp import quantize_row_shards, sharded_loading
 
-    whole_first = getattr(args, "plan", None) is not None  # a memory plan quantizes or places the whole model
-    split = sharded_loading(mesh.tp_group) if mesh is not None and mesh.tp > 1 and not whole_first else None
+    plan = getattr(args, "plan", None)
+    sharded = mesh is not None and mesh.tp > 1 and (plan is None or (plan.quant == "fp8" and not plan.streamed))
     a = copy.copy(args)
     a.device = str(device)
     a.compile = False  # compiled after the plan is applied (collectives inside the blocks)
     if rank != 0:  # --text-encoder-device / --ae-device place rank 0's components; the others keep theirs local
         a.text_encoder_device = a.ae_device = None
+    split = sharded_loading(mesh.tp_group) if sharded else None
     pipe = _load(ref, a, record, load_text_encoder=rank == 0, transformer_split=split)
+    if sharded and plan is not None:  # the plan quantized the column shards (whole rows) block by block
+        quantize_row_shards(pipe.transformer, (*default_skip("fp8"), *ALWAYS_SKIP), mesh.tp_group)
     pipe.text_encoder = BroadcastTextEncoder(pipe.text_encoder if rank == 0 else None, device)
     return pipe
 

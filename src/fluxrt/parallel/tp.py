@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.transformer import DoubleStreamBlock
-from ..quant.fp8 import E4M3, Fp8Linear
+from ..quant.fp8 import E4M3, Fp8Linear, quantize_rowwise, skipped
 from .sp import check_divisible
 
 
@@ -169,6 +169,29 @@ def apply_tensor_parallel(model: nn.Module, group=None) -> nn.Module:
     for i, block in enumerate(model.single_blocks):
         _shard_block(block, f"single_blocks.{i}", cfg, rank, world, group)
     model.tensor_parallel = world
+    return model
+
+
+@torch.no_grad()
+def quantize_row_shards(model: nn.Module, skip: tuple[str, ...], group=None) -> nn.Module:
+    """fp8 for the row-parallel layers of a model loaded sharded (`sharded_loading`; its column shards are plain
+    Linears that `quantize_transformer` quantizes like any other, their rows being whole): each row's scale is the
+    max over the ranks of its shards' amax, so every layer equals the whole model's fp8 layer split afterwards.
+    Layers under a `skip` entry stay as they are. In place; returns the model."""
+    group = group if group is not None else dist.group.WORLD
+    targets = [n for n, m in model.named_modules() if type(m) is RowParallelLinear and not skipped(n, skip)
+               and m.in_features % 16 == 0 and m.out_features % 16 == 0]  # fmt: skip
+    for name in targets:
+        parent, _, attr = name.rpartition(".")
+        lin = model.get_submodule(name)
+        amax = lin.weight.abs().amax(dim=1).float()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        out = Fp8RowParallelLinear(lin.in_features, lin.out_features, device=lin.weight.device)
+        for i in range(0, lin.out_features, 4096):  # bounded fp32 temporaries, as Fp8Linear.from_linear
+            out.weight[i : i + 4096], out.weight_scale[i : i + 4096] = quantize_rowwise(lin.weight[i : i + 4096],
+                                                                                         amax[i : i + 4096])  # fmt: skip
+        out.group = group
+        setattr(model.get_submodule(parent), attr, out)
     return model
 
 

@@ -1,7 +1,7 @@
 """Rowwise-scaled fp8 (e4m3) linear layers: a lossy, opt-in `(module) -> module` transform.
 
 Contract:
-    quantize_rowwise(x) -> (q, scale)      x (..., K) -> q (..., K) float8_e4m3fn, scale (...) fp32,
+    quantize_rowwise(x, amax=None) -> (q, scale)   x (..., K) -> q (..., K) float8_e4m3fn, scale (...) fp32,
                                            x ≈ q * scale[..., None]; scale = amax(|row|) / 448
     Fp8Linear.from_linear(linear)          weight float8_e4m3fn (N, K) + weight_scale fp32 (N,)
     Fp8Linear(x) (..., K) -> (..., N)      activations quantized per row (token) on the fly, x's dtype out
@@ -51,9 +51,11 @@ DEFAULT_SKIP = (
 FP8_SKIP = (*DEFAULT_SKIP, "*img_mlp", "*txt_mlp", "*linear2")
 
 
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., K) -> e4m3 (..., K) and fp32 scales (...), one per row, so that the row's amax maps to 448."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=_TINY) / E4M3_MAX  # (..., 1); abs is exact
+def quantize_rowwise(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., K) -> e4m3 (..., K) and fp32 scales (...), one per row, so that the row's amax maps to 448. `amax`
+    (...) replaces the rows' own amax (a shard of the input features quantized with its whole rows' scales)."""
+    amax = x.abs().amax(dim=-1) if amax is None else amax  # abs is exact
+    scale = amax.unsqueeze(-1).float().clamp(min=_TINY) / E4M3_MAX  # (..., 1)
     q = (x.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)  # clamp: fp32 rounding may land a hair over 448
     return q, scale.squeeze(-1)
 
