@@ -78,7 +78,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         last = vae.train_vae(ae, images[:n_train], Budget(args.steps), res["batch"], lr=v["lr"], seed=v["seed"],
                              crop=scale["vae_crop"], clip=v["clip"],
-                             log=lambda m: (losses.append(m), print(f"  {name}: {m}", flush=True)))  # fmt: skip
+                             log=lambda m, losses=losses, name=name: (losses.append(m), print(f"  {name}: {m}", flush=True)))  # fmt: skip
         secs = time.time() - t0
         mse = vae.reconstruction_mse(ae, images[n_train:])
         res["variants"].append({"name": name, **v, "seconds": round(secs, 1), "last_loss": last,

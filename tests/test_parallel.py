@@ -162,9 +162,9 @@ def _sharded_fp8_worker(path: str) -> tuple[float, float]:
     """`--quant fp8 --parallel tp`: shards loaded then quantized (row shards with whole-row scales) against the whole
     model quantized then split. Returns the number of differing tensors and the max |output difference|."""
     from fluxrt.loading.checkpoint import load_transformer
+    from fluxrt.parallel.tp import Fp8RowParallelLinear, quantize_row_shards, sharded_loading
     from fluxrt.quant import quantize
     from fluxrt.quant.fp8 import FP8_SKIP, Fp8Linear
-    from fluxrt.parallel.tp import Fp8RowParallelLinear, quantize_row_shards, sharded_loading
 
     torch.set_num_threads(1)
     whole, _ = load_transformer(path, "cpu", torch.float32, TINY.transformer)
