@@ -75,10 +75,14 @@ def main(argv=None) -> None:
         torch.manual_seed(v["seed"])
         ae = AutoEncoder(SHAPES.autoencoder).to(device)
         losses = []
+
+        def log(msg: str, losses=losses, name=name) -> None:
+            losses.append(msg)
+            print(f"  {name}: {msg}", flush=True)
+
         t0 = time.time()
         last = vae.train_vae(ae, images[:n_train], Budget(args.steps), res["batch"], lr=v["lr"], seed=v["seed"],
-                             crop=scale["vae_crop"], clip=v["clip"],
-                             log=lambda m, losses=losses, name=name: (losses.append(m), print(f"  {name}: {m}", flush=True)))  # fmt: skip
+                             crop=scale["vae_crop"], clip=v["clip"], log=log)  # fmt: skip
         secs = time.time() - t0
         mse = vae.reconstruction_mse(ae, images[n_train:])
         res["variants"].append({"name": name, **v, "seconds": round(secs, 1), "last_loss": last,
