@@ -48,6 +48,8 @@ from common import fill_random_  # noqa: E402  (per-tensor seeds: the same value
 def parse_plan(name: str) -> tuple[int, int, str]:
     """'1' -> (1, 1, 'ulysses'); 'ring2tp2' -> (2, 2, 'ring'); 'tp4' -> (1, 4, 'ulysses') (`fluxrt.parallel.plan`)."""
     plan = plan_from_name(name)
+    if plan.batch > 1:  # one image per forward here: a batch plan would silently run as one GPU
+        raise ValueError(f"plan {name}: this benchmark times one image's forward; batch plans split batches")
     return plan.sp, plan.tp, plan.attention
 
 

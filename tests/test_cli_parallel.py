@@ -66,6 +66,17 @@ def test_gpus_flag_with_reference_and_ring_equals_single_process(single, tmp_pat
     _assert_same_image(tmp_path / "p.png", single / "ref.png")
 
 
+def test_batch_plan_splits_images_over_ranks(tmp_path):
+    """`--parallel batch --num-images 2`: one image's rows per rank, the same two images as one process makes."""
+    assert cli.main(["generate", PROMPT, *ARGS, "--num-images", "2", "--out", str(tmp_path / "one.png")]) == 0
+    out = _fluxrt(PROMPT, *ARGS, "--num-images", "2", "--gpus", "2", "--parallel", "batch",
+                  "--out", str(tmp_path / "two.png"), cwd=tmp_path)  # fmt: skip
+    one, two = sorted(tmp_path.glob("one_*.png")), sorted(tmp_path.glob("two_*.png"))
+    assert len(one) == len(two) == 2 and out.stdout.split() == [str(p) for p in two]
+    for a, b in zip(one, two):
+        _assert_same_image(b, a)
+
+
 def test_tensor_parallel_fp8_is_close_to_single_process_fp8(tmp_path):
     """`--quant fp8 --parallel tp`: fp8 layers quantized whole, then sharded. Row shards scale activations per
     rank, so the image is close to, not equal to, one process's fp8 image (measured 44.0 dB; fp8 vs bf16 41.6)."""
@@ -108,6 +119,7 @@ def test_plan_choice():
         (["--gpus", "2", "--parallel", "sp3"], "plan sp3 needs 3 ranks"),
         (["--gpus", "3", "--parallel", "tp"], "tensor parallelism over 3 ranks"),
         (["--gpus", "0"], "--gpus must be at least 1"),
+        (["--gpus", "2", "--parallel", "batch"], "--num-images 1 runs a forward of 1 row"),
     ],
 )
 def test_bad_parallel_options_fail_before_loading(argv, message, tmp_path, capsys):

@@ -206,6 +206,58 @@ def test_tensor_parallel_ranks_load_only_their_shards(tmp_path, n, tp, layout):
     assert qkv_share == 1 / tp and err < TOL
 
 
+def _batch_worker(images: int, mode: str) -> tuple[float, float]:
+    """`BatchParallel` sampling `images` images (a CFG model: 2 x images rows per forward) against one process:
+    max |difference| relative to max |output| (a rank's rows run at a smaller batch, so BLAS may block them
+    differently: fp32 rounding, not a different function)."""
+    from fluxrt.parallel.batch import BatchParallel
+
+    torch.set_num_threads(1)
+    model = tiny_flow(guidance_embed=mode == "embedded")
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(images, 128, H, W, generator=g)
+    ctx = torch.randn(images, N_TXT, TINY.transformer.context_in_dim, generator=g)
+    neg = torch.randn(images, N_TXT, TINY.transformer.context_in_dim, generator=g) if mode == "cfg" else None
+    refs = dict(ref=pack(torch.randn(1, 128, 3, 4, generator=g)), ref_ids=grid_ids(3, 4, t=10)[None])
+    kw = dict(num_steps=2, guidance=4.0, mode=mode, neg_ctx=neg, **refs)
+    full = sample(model, noise, ctx, **kw)
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    out = sample(BatchParallel(model), noise, ctx, **kw)
+    return _max_over_ranks(((out - full).abs().max() / full.abs().max()).item()), _max_over_ranks(max(rows))
+
+
+@pytest.mark.parametrize("n,images,mode,rows", [(2, 1, "cfg", 1), (2, 2, "embedded", 1), (4, 2, "cfg", 1),
+                                                (2, 3, "embedded", 3)],
+                         ids=["cfg-halves", "two-images", "4-ranks-cfg", "odd-batch-runs-whole"])  # fmt: skip
+def test_batch_parallel_sampling_equals_single_process(n, images, mode, rows):
+    err, rows_per_rank = _run(n, _batch_worker, images, mode)
+    assert err < TOL and rows_per_rank == rows  # each rank ran only its rows (all of them when n does not divide)
+
+
+def test_batch_plan_parsing_and_request_checks():
+    from fluxrt.config import get_preset
+    from fluxrt.parallel.generate import check_batch
+    from fluxrt.parallel.plan import Plan, choose_plan, parse_plan
+
+    assert parse_plan("batch", 4) == Plan(1, 1, "ulysses", 4) and parse_plan("batch2").name == "batch2"
+    assert choose_plan(TINY.transformer, 2, "batch").world == 2
+    with pytest.raises(ValueError, match="batch4 needs 4 ranks, the run has 2"):
+        choose_plan(TINY.transformer, 2, "batch4")
+    base, dev = get_preset("flux.2-klein-base-4b"), get_preset("flux.2-dev")
+    check_batch(Plan(1, 1, "ulysses", 2), base, 1)  # one image: its two CFG halves, one per rank
+    check_batch(Plan(1, 1, "ulysses", 4), dev, 12)  # forwards of 8 and 4 images
+    with pytest.raises(ValueError, match=r"--num-images 1 runs a forward of 1 row\(s\), one per image: use a "
+                                         r"multiple of 2 images"):  # fmt: skip
+        check_batch(Plan(1, 1, "ulysses", 2), dev, 1)
+    with pytest.raises(ValueError, match=r"1 image\(s\) x 2 CFG halves = 2 rows: use a multiple of 2 images"):
+        check_batch(Plan(1, 1, "ulysses", 4), base, 1)
+    with pytest.raises(ValueError, match="2 row"):
+        check_batch(Plan(1, 1, "ulysses", 4), dev, 10)  # forwards of 8 and 2 images
+    with pytest.raises(ValueError, match="KV-cache"):
+        check_batch(Plan(1, 1, "ulysses", 2), get_preset("flux.2-klein-9b-kv"), 2)
+
+
 def test_heads_not_divisible_by_world_size():
     ulysses, tp, ring_diff = _run(2, _errors_worker)
     assert "heads per rank 3" in ulysses and "world size 2" in ulysses

@@ -8,6 +8,8 @@
   communicates (Ulysses all-to-all, or ring K/V passing with online softmax). Exact: same function as one process.
 * `apply_tensor_parallel(model, group)` (tp.py): weights split by heads and MLP columns, all-reduce after the
   row-sharded projections. Exact up to summation order.
+* `BatchParallel(model, group)` (batch.py): each forward's batch rows (CFG halves, images) split over the ranks,
+  outputs all-gathered; whole model on every rank.
 * launch.py: `init_from_env`, `spawn`, `make_mesh`, `nccl_env`, `with_rank`. docs/PARALLEL.md has the commands.
 * plan.py: `choose_plan(cfg, world, "auto" | "sp" | "ring" | "tp" | "sptp" | "spAtpB" ...)`, checked before loading.
 * generate.py: `fluxrt generate --gpus N` / under torchrun: every rank samples, rank 0 encodes text and writes.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .batch import BatchParallel
 from .launch import DistInfo, Mesh, free_port, init_from_env, make_mesh, nccl_env, spawn
 from .sp import SequenceParallel, block_attention, ring_attention, ulysses_attention
 from .tp import RowParallelLinear, apply_tensor_parallel
@@ -34,7 +37,7 @@ def parallelize(model: nn.Module, mesh: Mesh, attention: str = "ulysses", inner:
 
 
 __all__ = [
-    "DistInfo", "Mesh", "RowParallelLinear", "SequenceParallel", "apply_tensor_parallel", "block_attention",
+    "BatchParallel", "DistInfo", "Mesh", "RowParallelLinear", "SequenceParallel", "apply_tensor_parallel", "block_attention",
     "free_port", "init_from_env", "make_mesh", "nccl_env", "parallelize", "ring_attention", "spawn",
     "ulysses_attention",
 ]  # fmt: skip

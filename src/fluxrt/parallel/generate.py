@@ -20,6 +20,7 @@ NCCL_NVLS_ENABLE=0) reach NCCL unchanged.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import parallelize
+from .batch import BatchParallel
 from .launch import init_from_env, make_mesh, rank_device_type, spawn, with_rank
 from .plan import PLAN_NAMES, Plan, choose_plan
 
@@ -43,8 +45,9 @@ def add_arguments(p) -> None:
                    "leave it out: torchrun's ranks are used")  # fmt: skip
     p.add_argument("--parallel", default="auto", metavar="PLAN",
                    help=f"how the ranks split the transformer: {', '.join(PLAN_NAMES)}, or explicit spN, ringN, "
-                   "tpN, spAtpB, ringAtpB (default auto: Ulysses sequence parallel when the GPUs divide the "
-                   "heads, else ring attention; see docs/PARALLEL.md)")  # fmt: skip
+                   "tpN, spAtpB, ringAtpB, batchN (default auto: Ulysses sequence parallel when the GPUs divide the "
+                   "heads, else ring attention; batch: each forward's rows over the ranks, i.e. a CFG model's two "
+                   "halves or --num-images; see docs/PARALLEL.md)")  # fmt: skip
 
 
 class BroadcastTextEncoder(nn.Module):
@@ -112,6 +115,8 @@ class Launch:
             raise ValueError(f"--gpus {gpus} contradicts torchrun's {torchrun_world} ranks: leave --gpus out "
                              f"under torchrun")  # fmt: skip
         plan = choose_plan(spec.transformer, world, getattr(args, "parallel", "auto"))
+        if plan.batch > 1:
+            check_batch(plan, spec, getattr(args, "num_images", 1))
         if world == 1:
             return cls(plan)
         device_type = _device_type(args, world, spawning=torchrun_world == 1)
@@ -152,6 +157,23 @@ def _device_type(args, world: int, spawning: bool) -> str:
     return kind
 
 
+def check_batch(plan: Plan, spec, num_images: int, max_batch: int = 8) -> None:
+    """Raise a ValueError naming the numbers unless every forward of the request splits over the batch ranks:
+    `Pipeline.run` runs up to `max_batch` images per forward, a CFG model twice as many rows."""
+    if spec.use_kv_cache:
+        raise ValueError(f"batch parallelism does not run {spec.name}'s KV-cache forward")
+    halves = 2 if spec.guidance_mode == "cfg" else 1
+    sizes = {min(max_batch, num_images - i) * halves for i in range(0, num_images, max_batch)}
+    bad = sorted(n for n in sizes if n % plan.batch)
+    if bad:
+        n = bad[0]
+        rows = f"{n // 2} image(s) x 2 CFG halves = {n} rows" if halves == 2 else f"{n} row(s), one per image"
+        k = plan.batch // math.gcd(plan.batch, halves)
+        raise ValueError(f"batch parallelism over {plan.batch} ranks needs each forward's rows to split evenly; "
+                         f"{spec.name} with --num-images {num_images} runs a forward of {rows}: use a multiple "
+                         f"of {k} images, or --parallel sp / tp")  # fmt: skip
+
+
 def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None):
     """This rank's pipeline: every component but the text encoder, which only rank 0 loads. Under tensor
     parallelism the rank reads only its shards of the transformer (`tp.sharded_loading`), also with `--quant fp8`
@@ -180,9 +202,13 @@ def rank_generate(plan: Plan, ref, args, valid, record, show_progress: bool):
     """One rank's part of a parallel `fluxrt generate` (in an initialised group): load, split, run the request."""
     from ..cli import Progress
 
-    rank, device, mesh = dist.get_rank(), _rank_device(), make_mesh(plan.sp, plan.tp)
+    rank, device = dist.get_rank(), _rank_device()
+    mesh = make_mesh(plan.sp, plan.tp) if plan.batch == 1 else None
     pipe = _load_on_rank(ref, args, record, rank, device, mesh)
-    pipe.transformer = parallelize(pipe.transformer, mesh, plan.attention)
+    if mesh is None:
+        pipe.transformer = BatchParallel(pipe.transformer)
+    else:
+        pipe.transformer = parallelize(pipe.transformer, mesh, plan.attention)
     if getattr(args, "compile", False):
         from ..accel import compile_transformer
 

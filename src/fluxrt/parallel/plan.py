@@ -9,6 +9,8 @@ Names (N = the world size):
   sp, ring   Ulysses / ring sequence parallel over all N ranks      tp   tensor parallel over all N ranks
   sptp       an SP x TP mesh as square as possible, SP the larger side (4 -> 2 x 2, 8 -> 4 x 2)
   spN, ringN, tpN, spAtpB, ringAtpB   explicit sizes, whose product must be N ("1" on one rank)
+  batch, batchN  the rows of each forward's batch over the N ranks (`BatchParallel`: a CFG model's two halves,
+             several images); whole model on every rank, no sequence or tensor split
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-PLAN_NAMES = ("auto", "sp", "ring", "tp", "sptp")
+PLAN_NAMES = ("auto", "sp", "ring", "tp", "sptp", "batch")
 _EXPLICIT = re.compile(r"^(?:(sp|ring)(\d+))?(?:tp(\d+))?$")
+_BATCH = re.compile(r"^batch(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -25,15 +28,18 @@ class Plan:
     sp: int
     tp: int
     attention: str  # "ulysses" or "ring" (how the SP part attends; unused when sp == 1)
+    batch: int = 1  # ranks the forward's batch rows are split over (then sp == tp == 1)
 
     @property
     def world(self) -> int:
-        return self.sp * self.tp
+        return self.batch * self.sp * self.tp
 
     @property
     def name(self) -> str:
         if self.world == 1:
             return "1"
+        if self.batch > 1:
+            return f"batch{self.batch}"
         seq = f"{'ring' if self.attention == 'ring' else 'sp'}{self.sp}" if self.sp > 1 else ""
         return seq + (f"tp{self.tp}" if self.tp > 1 else "")
 
@@ -43,6 +49,10 @@ def parse_plan(name: str, world: int | None = None) -> Plan:
     (sp, ring, tp, sptp; not auto, which needs the model) sized to it."""
     if name == "1":
         return Plan(1, 1, "ulysses")
+    if world is not None and name == "batch":
+        return Plan(1, 1, "ulysses", world)
+    if _BATCH.match(name):
+        return Plan(1, 1, "ulysses", int(_BATCH.match(name)[1]))
     if world is not None and name in ("sp", "ring", "tp"):
         return Plan(1, world, "ulysses") if name == "tp" else Plan(world, 1, "ring" if name == "ring" else "ulysses")
     if world is not None and name == "sptp":
@@ -52,8 +62,8 @@ def parse_plan(name: str, world: int | None = None) -> Plan:
         return Plan(world // tp, tp, "ulysses")
     m = _EXPLICIT.match(name)
     if not name or not m:
-        raise ValueError(f"unknown parallel plan {name!r}: use {', '.join(PLAN_NAMES)}, spN, ringN, tpN, spAtpB or "
-                         f"ringAtpB")  # fmt: skip
+        raise ValueError(f"unknown parallel plan {name!r}: use {', '.join(PLAN_NAMES)}, spN, ringN, tpN, spAtpB, "
+                         f"ringAtpB or batchN")  # fmt: skip
     return Plan(int(m[2] or 1), int(m[3] or 1), "ring" if m[1] == "ring" else "ulysses")
 
 
