@@ -11,7 +11,10 @@ returns it. Rank r of n keeps heads [r*h/n, (r+1)*h/n) and MLP columns [r*M/n, (
                   `linear2`     input columns [attn_r | mlp_r] of [attn (H) | mlp (M)], then all-reduce
   replicated      QK-norm scales (per head_dim), modulations, embedders, final layer
 
-Module names and the checkpoint keys stay the same, so a later loader can fill the shards directly. Each block
+Module names and the checkpoint keys stay the same, so the loader fills the shards directly:
+`load_transformer(..., split=sharded_loading(group))` shards the meta-built model and slices each checkpoint tensor
+on the CPU (`shard_full`, from the same table `split_of` that `apply_tensor_parallel` follows) before it reaches the
+rank's device; `quantize_row_shards` then gives such a model's row shards fp8 with whole-row scales. Each block
 does two all-reduces (double: one per stream for attention and for the MLP, i.e. four; single: one). The sum of
 partial products equals the full matmul in exact arithmetic; in floating point it differs by summation order
 (fp32: ~1e-7 relative; bf16: each partial is rounded to bf16 before the all-reduce).
