@@ -216,3 +216,20 @@ def test_budget_refits_when_steps_slow_down(monkeypatch):
         clock[0] += 0.1 if step < 8 else 0.3  # 0.1 s per step while probed, then 0.3 s
         step = b.tick(step, lambda m: None, 10**9, lambda: "")
     assert 95 <= clock[0] <= 106 and step < 1000
+
+
+@pytest.mark.parametrize("name,missed", [
+    ("2026-11-26_h100_shapes_eval_student_v2.json", []),  # the shipped student: every target, gap exactly 5 points
+    ("2026-11-26_h100_shapes_eval.json", ["gap"]),  # 4th session: 8 and 12 points behind on edits, composition
+    ("2026-11-26_h100_shapes_eval_one_command_run3.json", ["t2i_single", "t2i_double", "edit", "compose"]),
+])  # fmt: skip
+def test_eval_verdict_on_recorded_runs(name, missed):
+    import json
+
+    from conftest import REPO_ROOT
+
+    from fluxrt.train.evaluate import verdict
+
+    res = json.loads((REPO_ROOT / "bench" / "results" / name).read_text())
+    met = verdict(res["student"], res["teacher"])
+    assert [k for k, ok in met.items() if not ok and k != "all"] == missed and met["all"] is (missed == [])

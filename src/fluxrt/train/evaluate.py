@@ -51,6 +51,20 @@ def teacher_spec():
     return replace(SHAPES, transformer=replace(SHAPES.transformer, use_guidance_embed=False), guidance_mode="cfg")
 
 
+# Issue 3's targets: the student's share of exactly right held-out samples per set, and its largest gap to the teacher
+TARGETS = {"t2i_single": 0.90, "t2i_double": 0.70, "edit": 0.80, "compose": 0.70}
+MAX_GAP = 0.05
+
+
+def verdict(student: dict, teacher: dict) -> dict:
+    """{set: met?} for the accuracy targets (student) and "gap" (student within MAX_GAP of the teacher on every
+    set), plus "all"."""
+    out = {k: student.get(k, 0.0) >= v for k, v in TARGETS.items()}
+    out["gap"] = all(teacher[k] - student[k] <= MAX_GAP + 1e-9 for k in student if k in teacher)
+    out["all"] = all(out.values())
+    return out
+
+
 def evaluate_models(student, teacher, ae, te, n: int, size: int, steps: int | None = None, log=print) -> dict:
     steps = steps or SHAPES.default_steps
     sets = heldout_sets(n, size)
@@ -60,5 +74,8 @@ def evaluate_models(student, teacher, ae, te, n: int, size: int, steps: int | No
     tspec = teacher_spec()
     log(f"teacher (real CFG, 2 forwards/step, {steps} steps, scale {SHAPES.default_guidance})")
     t = score_pipeline(Pipeline(tspec, teacher, ae, te, dtype), sets, size, steps, SHAPES.default_guidance, log)
+    met = verdict(s, t)
+    missed = [k for k, ok in met.items() if not ok and k != "all"]
+    log("targets: all met" if met["all"] else f"targets missed: {', '.join(missed)}")
     return {"n_per_set": n, "size": size, "steps": steps, "guidance": SHAPES.default_guidance,
-            "student": s, "teacher": t}  # fmt: skip
+            "student": s, "teacher": t, "targets_met": met}  # fmt: skip
