@@ -7,8 +7,10 @@ Plans (the product of the numbers must be the world size, except "1"):
   1          one GPU (rank 0 alone; the others wait): the baseline, measured in the same job
   spN        Ulysses sequence parallel over N ranks        ringN    ring attention over N ranks
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
-Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, batch 1,
-512 text tokens, dev guidance 4). The weights are random (std 1/sqrt(fan_in)), built on the meta device and
+  batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
+Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, --images
+images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
+klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)), built on the meta device and
 materialised per rank already sharded, so no rank ever holds more than its plan needs (with --fp8 and a TP
 plan, each rank builds the whole bf16 model, quantizes it and then shards it, as `fluxrt generate` does).
 A correctness check runs first for each plan: a shallow model of the same width (1 double + 2 single blocks,
@@ -34,7 +36,8 @@ import torch.distributed as dist
 from fluxrt.accel import compile_transformer
 from fluxrt.config import get_preset
 from fluxrt.models.transformer import Flux2
-from fluxrt.parallel import Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env, parallelize
+from fluxrt.parallel import (BatchParallel, Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env,
+                             parallelize)  # fmt: skip
 from fluxrt.parallel.plan import parse_plan as plan_from_name
 from fluxrt.parallel.sp import SequenceParallel
 from fluxrt.sampling.latents import grid_ids, text_ids
@@ -45,12 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fill_random_  # noqa: E402  (per-tensor seeds: the same values on every rank)
 
 
-def parse_plan(name: str) -> tuple[int, int, str]:
-    """'1' -> (1, 1, 'ulysses'); 'ring2tp2' -> (2, 2, 'ring'); 'tp4' -> (1, 4, 'ulysses') (`fluxrt.parallel.plan`)."""
+def parse_plan(name: str) -> tuple[int, int, str, int]:
+    """'1' -> (1, 1, 'ulysses', 1); 'ring2tp2' -> (2, 2, 'ring', 1); 'batch2' -> (1, 1, 'ulysses', 2)
+    (`fluxrt.parallel.plan`)."""
     plan = plan_from_name(name)
-    if plan.batch > 1:  # one image per forward here: a batch plan would silently run as one GPU
-        raise ValueError(f"plan {name}: this benchmark times one image's forward; batch plans split batches")
-    return plan.sp, plan.tp, plan.attention
+    return plan.sp, plan.tp, plan.attention, plan.batch
 
 
 def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False) -> torch.nn.Module:
@@ -71,10 +73,10 @@ def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile:
     return SequenceParallel(model, mesh.sp_group, attn) if mesh is not None and mesh.sp > 1 else model
 
 
-def inputs(cfg, size: int, device, n_txt: int = 512):
+def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
     g = torch.Generator(device=device).manual_seed(1)
-    noise = torch.randn(1, cfg.in_channels, size // 16, size // 16, generator=g, device=device)
-    ctx = torch.randn(1, n_txt, cfg.context_in_dim, generator=g, device=device)
+    noise = torch.randn(images, cfg.in_channels, size // 16, size // 16, generator=g, device=device)
+    ctx = torch.randn(images, n_txt, cfg.context_in_dim, generator=g, device=device)
     return noise.bfloat16(), ctx.bfloat16()
 
 
@@ -113,16 +115,15 @@ def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def timed(model, cfg, size: int, steps: int, device) -> dict:
-    noise, ctx = inputs(cfg, size, device)
-    g = 4.0 if cfg.use_guidance_embed else None
-    mode = "embedded" if cfg.use_guidance_embed else "distilled"
-    sample(model, noise, ctx, num_steps=2, mode=mode, guidance=g)  # warm-up
+def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1) -> dict:
+    noise, ctx = inputs(cfg, size, device, images=images)
+    kw = {"mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
+    sample(model, noise, ctx, num_steps=2, **kw)  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    out = sample(model, noise, ctx, num_steps=steps, mode=mode, guidance=g)
+    out = sample(model, noise, ctx, num_steps=steps, **kw)
     _sync(device)
     total = time.perf_counter() - t0
     finite = bool(torch.isfinite(out).all())
@@ -130,21 +131,38 @@ def timed(model, cfg, size: int, steps: int, device) -> dict:
             "peak_mem_gib_rank": _peak_gib(device)}  # fmt: skip
 
 
-def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False) -> dict | None:
-    sp, tp, attn = parse_plan(name)
-    if sp * tp not in (1, info.world_size):
-        raise ValueError(f"plan {name} needs {sp * tp} ranks, the job has {info.world_size}")
+def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
+             mode: str = "embedded", images: int = 1) -> dict | None:  # fmt: skip
+    sp, tp, attn, batch = parse_plan(name)
+    gpus = sp * tp * batch
+    if gpus not in (1, info.world_size):
+        raise ValueError(f"plan {name} needs {gpus} ranks, the job has {info.world_size}")
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
-    res = {"plan": name, "sp": sp, "tp": tp, "attention": attn if sp > 1 else None, "gpus": sp * tp}
-    if mesh is not None or info.rank == 0:
-        res |= check(cfg, size, mesh, attn, info.device)
+    res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
+           "mode": mode, "images": images}  # fmt: skip
+    if gpus > 1 or info.rank == 0:
+        res |= check_batch(cfg, size, info.device, mode) if batch > 1 else check(cfg, size, mesh, attn, info.device)
         model = build(cfg, mesh, attn, info.device, fp8, compile)
-        res |= timed(model, cfg, size, steps, info.device)
+        model = BatchParallel(model) if batch > 1 else model
+        res |= timed(model, cfg, size, steps, info.device, mode, images)
         del model
         if info.device.type == "cuda":
             torch.cuda.empty_cache()
     peak = _all_max(res.get("peak_mem_gib_rank", 0.0), info.device)
     return res | {"peak_mem_gib_max_rank": peak} if info.rank == 0 else None
+
+
+@torch.no_grad()
+def check_batch(cfg, size: int, device, mode: str) -> dict:
+    """Shallow full-width model: `BatchParallel` over a batch of one row per rank vs one process (bf16)."""
+    small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
+    model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
+    noise, ctx = inputs(small, size, device, images=dist.get_world_size())
+    kw = {"num_steps": 1, "mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
+    ref = sample(model, noise, ctx, **kw)
+    out = sample(BatchParallel(model), noise, ctx, **kw)
+    diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
+    return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
 
 
 def main(argv=None):
@@ -155,15 +173,17 @@ def main(argv=None):
     ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
     ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; TP shards them after)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
+    ap.add_argument("--images", type=int, default=1, help="images per sample() (a batch plan splits them)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "parallel.json"))
     args = ap.parse_args(argv)
     info = init_from_env()
-    cfg = get_preset(args.model).transformer
+    spec = get_preset(args.model)
+    cfg = spec.transformer
     records = []
     for size in args.sizes:
         base = None
         for name in args.plans:
-            res = run_plan(name, cfg, size, args.steps, info, args.fp8, args.compile)
+            res = run_plan(name, cfg, size, args.steps, info, args.fp8, args.compile, spec.guidance_mode, args.images)
             if dist.is_initialized():
                 dist.barrier()
             if info.rank == 0:

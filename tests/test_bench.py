@@ -156,3 +156,28 @@ def test_vae_variants_smoke_run_and_bad_variants(tmp_path):
         vae_variants.parse_variant("x:beta=2")
     with pytest.raises(SystemExit, match="'fast' is not a float"):
         vae_variants.parse_variant("x:lr=fast")
+
+
+def _parallel_bench_worker(plans: tuple[str, ...]) -> list[dict]:
+    import dataclasses
+
+    import parallel as parallel_bench
+    import torch.distributed as dist
+
+    from fluxrt.config import TINY
+    from fluxrt.parallel import DistInfo
+
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(TINY.transformer, use_guidance_embed=False)  # a CFG model, as klein base
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"))
+    return [parallel_bench.run_plan(p, cfg, 32, 1, info, mode="cfg") for p in plans]
+
+
+def test_parallel_bench_times_cfg_models_and_batch_plans():
+    """bench/parallel.py runs a CFG model in CFG mode, and a batch plan puts one CFG half on each rank, checked
+    against one process first (same weights, bf16)."""
+    from fluxrt.parallel import spawn
+
+    one, batch = spawn(2, _parallel_bench_worker, ("1", "batch2"), start_method="fork", timeout_s=120)
+    assert one["mode"] == batch["mode"] == "cfg" and one["gpus"] == 1 and batch["gpus"] == 2 == batch["batch"]
+    assert batch["check_max_abs_diff"] <= 0.01 * batch["check_ref_max_abs"] and batch["output_finite"]  # bf16
