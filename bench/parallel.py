@@ -10,9 +10,9 @@ Plans (the product of the numbers must be the world size, except "1"):
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
 Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, --images
 images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
-klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)), built on the meta device and
-materialised per rank already sharded, so no rank ever holds more than its plan needs (with --fp8 and a TP
-plan, each rank builds the whole bf16 model, quantizes it and then shards it, as `fluxrt generate` does).
+klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)),
+built on the meta device and materialised per rank already sharded, so no rank ever holds more than its plan
+needs (with --fp8 and a TP plan, each rank builds the whole bf16 model, quantizes it and then shards it).
 A correctness check runs first for each plan: a shallow model of the same width (1 double + 2 single blocks,
 real sliced weights) at the same size, parallel vs one process on the same rank, bf16; its max |diff| and
 max |reference| are recorded. NCCL_* variables are recorded as found and never set.
@@ -81,19 +81,20 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 
 @torch.no_grad()
-def check(cfg, size: int, mesh: Mesh | None, attn: str, device) -> dict:
-    """Shallow full-width model: parallel plan vs the same weights in one process (bf16)."""
-    if mesh is None:
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1) -> dict:
+    """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
+    same weights in one process (bf16)."""
+    if mesh is None and batch == 1:
         return {}
     small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
     model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
-    noise, ctx = inputs(small, size, device)
+    noise, ctx = inputs(small, size, device, images=batch)
     x = noise.flatten(2).transpose(1, 2)
-    args = (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((1,), 0.5, device=device), ctx,
+    args = (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((batch,), 0.5, device=device), ctx,
             text_ids(ctx.shape[1], device)[None])  # fmt: skip
-    g = torch.full((1,), 4.0, device=device) if small.use_guidance_embed else None
+    g = torch.full((batch,), 4.0, device=device) if small.use_guidance_embed else None
     ref = model(*args, guidance=g)
-    out = parallelize(model, mesh, attn)(*args, guidance=g)
+    out = (BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn))(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
     return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
 
@@ -141,7 +142,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images}  # fmt: skip
     if gpus > 1 or info.rank == 0:
-        res |= check_batch(cfg, size, info.device, mode) if batch > 1 else check(cfg, size, mesh, attn, info.device)
+        res |= check(cfg, size, mesh, attn, info.device, batch)
         model = build(cfg, mesh, attn, info.device, fp8, compile)
         model = BatchParallel(model) if batch > 1 else model
         res |= timed(model, cfg, size, steps, info.device, mode, images)
@@ -150,19 +151,6 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
             torch.cuda.empty_cache()
     peak = _all_max(res.get("peak_mem_gib_rank", 0.0), info.device)
     return res | {"peak_mem_gib_max_rank": peak} if info.rank == 0 else None
-
-
-@torch.no_grad()
-def check_batch(cfg, size: int, device, mode: str) -> dict:
-    """Shallow full-width model: `BatchParallel` over a batch of one row per rank vs one process (bf16)."""
-    small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
-    model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
-    noise, ctx = inputs(small, size, device, images=dist.get_world_size())
-    kw = {"num_steps": 1, "mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
-    ref = sample(model, noise, ctx, **kw)
-    out = sample(BatchParallel(model), noise, ctx, **kw)
-    diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
-    return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
 
 
 def main(argv=None):

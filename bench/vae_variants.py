@@ -6,7 +6,7 @@ stage of `fluxrt.train.shapes` is and which recipe it should use.
         --variant base: --variant base_again: --variant clip:clip=1.0 --variant lr5:lr=5e-4
 
 A variant is 'name:key=value,...' over lr, clip and seed (defaults: the trainer's lr 1e-3, no clipping, seed 0).
-The scenes are the full scale's first `vae_images` renders (training) and the next `--held` ones (scoring: MSE
+The scenes are the trainer's (`shapes.Run`, seed 0): the scale's first `vae_images` renders (training) and the next `--held` ones (scoring: MSE
 of the posterior mean's reconstruction, the number the flow model inherits). JSON is rewritten after every variant.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,29 +23,19 @@ import torch
 
 from fluxrt.config import SHAPES
 from fluxrt.models.autoencoder import AutoEncoder
-from fluxrt.train import data as D
 from fluxrt.train import shapes, vae
 from fluxrt.train.schedule import Budget
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_json  # noqa: E402
 
-KEYS = {"lr": float, "clip": float, "seed": int}
+DEFAULTS = {"lr": 1e-3, "clip": 0.0, "seed": 0}  # the trainer's learning rate, no clipping
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'name:lr=5e-4,clip=1' -> (name, {'lr': 5e-4, 'clip': 1.0, 'seed': 0})."""
     name, _, sets = text.partition(":")
-    out = {"lr": 1e-3, "clip": 0.0, "seed": 0}
-    for item in filter(None, sets.split(",")):
-        key, _, value = item.partition("=")
-        if key not in KEYS:
-            raise SystemExit(f"--variant {text!r}: {key!r} is not one of {', '.join(KEYS)}")
-        try:
-            out[key] = KEYS[key](value)
-        except ValueError:
-            raise SystemExit(f"--variant {text!r}: {value!r} is not a {KEYS[key].__name__}") from None
-    return name or "base", out
+    return name or "base", shapes.set_numbers(DEFAULTS, sets, f"--variant {text!r}")
 
 
 def main(argv=None) -> None:
@@ -60,15 +51,9 @@ def main(argv=None) -> None:
     variants = [parse_variant(v) for v in args.variant]
     scale, device = shapes.SCALES[args.scale], torch.device(args.device)
     n_train = scale["vae_images"]
-    t0 = time.time()
-    need, k = n_train + args.held, min(scale["examples"], n_train + args.held)
-    while True:  # the trainer's first scenes (seed 0): scenes are numbered in the order examples first use them
-        rs = D.render_dataset([D.sample_example(i) for i in range(k)], scale["size"], args.workers or os.cpu_count())
-        if len(rs.images) >= need or k == scale["examples"]:
-            break
-        k = min(scale["examples"], k * 3 // 2)
-    images = torch.from_numpy(rs.images[: n_train + args.held]).to(device)
-    print(f"rendered {len(rs.images)} scenes in {time.time() - t0:.0f}s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's scenes (its Run logs into its workdir)
+        run = shapes.Run(Path(tmp), device, scale, workers=args.workers or os.cpu_count() or 1)
+        images = run.images(n_train + args.held).to(device)
     res = {"environment": environment(device), "steps": args.steps, "batch": min(64, scale["batch"]),
            "crop": scale["vae_crop"], "n_train": n_train, "n_held": args.held, "variants": []}  # fmt: skip
     for name, v in variants:

@@ -47,6 +47,7 @@ __all__ = ["ModelRef", "Pipeline", "Sample", "default_device", "embedded_model_p
 
 EMBEDDED = "fluxrt-shapes"
 AE_REPO_ID = "black-forest-labs/FLUX.2-dev"  # the reference downloads the one shared VAE from the dev repo
+MAX_BATCH = 8  # samples of one reference layout per forward, unless `max_batch` says otherwise
 PROMPT_CACHE_SIZE = 32  # dev features are 512 x 15360 bf16 (15 MB) each: keep the cache bounded
 
 
@@ -325,7 +326,7 @@ class Pipeline:
         return tensor_to_images(self.ae.decode(z))
 
     def generate(self, samples: list[Sample], width: int, height: int, steps: int, guidance: float,
-                 callback: Callable | None = None, max_batch: int = 8) -> list[Image.Image]:  # fmt: skip
+                 callback: Callable | None = None, max_batch: int = MAX_BATCH) -> list[Image.Image]:  # fmt: skip
         """Images in the order of `samples`; samples are batched by reference layout, `max_batch` at a time.
 
         callback(step, latent_tokens) runs after every Euler step of every batch.
@@ -339,7 +340,7 @@ class Pipeline:
         return out
 
     def run(self, request: GenerationRequest | ValidRequest, limits: Limits | None = None,
-            on_step: Callable[[int, int], None] | None = None, max_batch: int = 8,
+            on_step: Callable[[int, int], None] | None = None, max_batch: int = MAX_BATCH,
             ) -> list[GenerationResult]:  # fmt: skip
         """Validate (unless already valid), generate, and pair each image with its metadata record.
 

@@ -37,13 +37,13 @@ def plan_from_args(spec, args, valid, record: dict) -> Plan | None:
     if quant is None and args.vram is None and args.offload is None:
         return None
     from ..cli import DTYPE_NAMES, DTYPES
-    from ..pipeline import _default_dtype, parse_device
+    from ..pipeline import MAX_BATCH, _default_dtype, parse_device
     from .apply import memory_plan
 
     device = parse_device(args.device)
     dtype_name = args.dtype or DTYPE_NAMES.get(record.get("dtype", ""))
     dtype = DTYPES[dtype_name] if dtype_name else _default_dtype(device)
-    batch = min(len(valid.samples), 8)  # Pipeline.run batches up to 8 samples of one layout
+    batch = min(len(valid.samples), MAX_BATCH)  # Pipeline.run batches up to MAX_BATCH samples of one layout
     plan = memory_plan(spec, device, dtype, quant, args.vram, args.offload, compile=getattr(args, "compile", False),
                        size=(valid.width, valid.height), batch=batch)  # fmt: skip
     print(plan.describe(), file=sys.stderr, flush=True)

@@ -7,10 +7,10 @@ Contract:
     launch.run(ref, args, valid, record) -> [GenerationResult] in the main process, None on torchrun ranks > 0
     BroadcastTextEncoder(encoder | None, device)   rank 0 encodes, every rank receives the (B, T, C) features
 
-Every rank loads the transformer (split by the plan, `fluxrt.parallel.parallelize`; under TP without a memory plan
-it reads only its shards, `tp.sharded_loading`) and the VAE, and runs the same validated request with the same
-seeds: after each step every rank holds the same full latent, so the sampler is unchanged. Only rank 0 loads the text encoder (dev's is 24B parameters: one copy, not N) and
-broadcasts its features. Every rank encodes its references and decodes with its own VAE (84M parameters), so
+Every rank loads the transformer (split by the plan, `fluxrt.parallel.parallelize`; under TP it reads only its
+shards, `tp.sharded_loading`) and the VAE, and runs the same validated request with the same seeds: after each
+step every rank holds the same full latent, so the sampler is unchanged. Only rank 0 loads the text encoder (dev's
+is 24B parameters: one copy, not N) and broadcasts its features. Every rank encodes its references and decodes with its own VAE (84M parameters), so
 all ranks run exactly `Pipeline.run`; only rank 0's images are kept. Only the main process (rank 0 under torchrun,
 the parent under --gpus) builds the safety guard, prints and writes files. An error on any rank ends the run with
 that error, its message starting "rank r of n:". NCCL_* variables are never set: the environment's (e.g.
@@ -157,13 +157,15 @@ def _device_type(args, world: int, spawning: bool) -> str:
     return kind
 
 
-def check_batch(plan: Plan, spec, num_images: int, max_batch: int = 8) -> None:
+def check_batch(plan: Plan, spec, num_images: int) -> None:
     """Raise a ValueError naming the numbers unless every forward of the request splits over the batch ranks:
-    `Pipeline.run` runs up to `max_batch` images per forward, a CFG model twice as many rows."""
+    `Pipeline.run` runs up to `MAX_BATCH` images per forward, a CFG model twice as many rows."""
+    from ..pipeline import MAX_BATCH
+
     if spec.use_kv_cache:
         raise ValueError(f"batch parallelism does not run {spec.name}'s KV-cache forward")
     halves = 2 if spec.guidance_mode == "cfg" else 1
-    sizes = {min(max_batch, num_images - i) * halves for i in range(0, num_images, max_batch)}
+    sizes = {min(MAX_BATCH, num_images - i) * halves for i in range(0, num_images, MAX_BATCH)}
     bad = sorted(n for n in sizes if n % plan.batch)
     if bad:
         n = bad[0]
@@ -180,7 +182,7 @@ def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None)
     (row shards then quantized with their whole rows' scales: the layers equal the whole model's fp8 layers split
     afterwards); other memory plans (4-bit, streamed blocks) load the whole model first."""
     from ..cli import _load
-    from ..quant.formats import ALWAYS_SKIP, default_skip
+    from ..quant.formats import default_skip
     from .tp import quantize_row_shards, sharded_loading
 
     plan = getattr(args, "plan", None)
@@ -193,7 +195,7 @@ def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None)
     split = sharded_loading(mesh.tp_group) if sharded else None
     pipe = _load(ref, a, record, load_text_encoder=rank == 0, transformer_split=split)
     if sharded and plan is not None:  # the plan quantized the column shards (whole rows) block by block
-        quantize_row_shards(pipe.transformer, (*default_skip("fp8"), *ALWAYS_SKIP), mesh.tp_group)
+        quantize_row_shards(pipe.transformer, default_skip("fp8"), mesh.tp_group)
     pipe.text_encoder = BroadcastTextEncoder(pipe.text_encoder if rank == 0 else None, device)
     return pipe
 

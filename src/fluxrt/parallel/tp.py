@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.transformer import DoubleStreamBlock
-from ..quant.fp8 import E4M3, Fp8Linear, quantize_rowwise, skipped
+from ..quant.fp8 import E4M3, Fp8Linear, skipped
 from .sp import check_divisible
 
 
@@ -189,10 +189,7 @@ def quantize_row_shards(model: nn.Module, skip: tuple[str, ...], group=None) -> 
         lin = model.get_submodule(name)
         amax = lin.weight.abs().amax(dim=1).float()
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-        out = Fp8RowParallelLinear(lin.in_features, lin.out_features, device=lin.weight.device)
-        for i in range(0, lin.out_features, 4096):  # bounded fp32 temporaries, as Fp8Linear.from_linear
-            out.weight[i : i + 4096], out.weight_scale[i : i + 4096] = quantize_rowwise(lin.weight[i : i + 4096],
-                                                                                         amax[i : i + 4096])  # fmt: skip
+        out = Fp8RowParallelLinear.from_linear(lin, amax=amax)
         out.group = group
         setattr(model.get_submodule(parent), attr, out)
     return model

@@ -22,7 +22,6 @@ All three are weight-only on the storage side; fp8 also quantizes activations pe
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def default_skip(scheme: str) -> tuple[str, ...]:
 
 def _skipped(name: str, skip) -> bool:
     """Under a `skip` entry: a module-name prefix ("final_layer") or a glob pattern ("*linear2"), as fp8.py reads them."""
-    return any(fnmatch.fnmatchcase(name, s) or fnmatch.fnmatchcase(name, s + ".*") for s in (*skip, *ALWAYS_SKIP))
+    return fp8.skipped(name, (*skip, *ALWAYS_SKIP))
 
 
 def _int4_group(k: int) -> int | None:

@@ -131,14 +131,15 @@ class Fp8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, impl: str = "auto", fast_accum: bool = True) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, impl: str = "auto", fast_accum: bool = True,
+                    amax: torch.Tensor | None = None) -> Fp8Linear:  # fmt: skip
+        """The layer's weight quantized per row; `amax` (out,) replaces the rows' own amax (`quantize_rowwise`)."""
         w = linear.weight
         out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, impl=impl,
                   fast_accum=fast_accum, device=w.device)  # fmt: skip
         for i in range(0, w.shape[0], _ROWS_PER_CHUNK):  # a chunk at a time: bounded fp32 temporaries
-            out.weight[i : i + _ROWS_PER_CHUNK], out.weight_scale[i : i + _ROWS_PER_CHUNK] = quantize_rowwise(
-                w[i : i + _ROWS_PER_CHUNK]
-            )
+            rows = slice(i, i + _ROWS_PER_CHUNK)
+            out.weight[rows], out.weight_scale[rows] = quantize_rowwise(w[rows], None if amax is None else amax[rows])
         if linear.bias is not None:
             out.bias.data = linear.bias.detach().clone()
         return out
