@@ -8,6 +8,7 @@ Plans (the product of the numbers must be the world size, except "1"):
   spN        Ulysses sequence parallel over N ranks        ringN    ring attention over N ranks
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
+  PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
 Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, --images
 images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
 klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)),
@@ -55,9 +56,11 @@ def parse_plan(name: str) -> tuple[int, int, str, int]:
     return plan.sp, plan.tp, plan.attention, plan.batch
 
 
-def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False) -> torch.nn.Module:
+def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False,
+          overlap: bool = False) -> torch.nn.Module:  # fmt: skip
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
-    `fluxrt generate --quant fp8 --compile` does, fp8 linears and compiled blocks (collectives as graph breaks)."""
+    `fluxrt generate --quant fp8 --compile [--overlap]` does, fp8 linears, the sequence-parallel wrapper and
+    compiled blocks (ring's send/recv as graph breaks)."""
     with torch.device("meta"):
         model = Flux2(cfg)
     tp = mesh is not None and mesh.tp > 1
@@ -68,9 +71,12 @@ def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile:
         quantize_transformer(model)
         if tp:
             apply_tensor_parallel(model, mesh.tp_group)
+    wrapped = model
+    if mesh is not None and mesh.sp > 1:  # before compiling: overlapped blocks compile with their own options
+        wrapped = SequenceParallel(model, mesh.sp_group, attn, overlap=overlap)
     if compile:
         compile_transformer(model, fullgraph=mesh is None)
-    return SequenceParallel(model, mesh.sp_group, attn) if mesh is not None and mesh.sp > 1 else model
+    return wrapped
 
 
 def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
@@ -81,7 +87,7 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 
 @torch.no_grad()
-def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1) -> dict:
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False) -> dict:
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
     same weights in one process (bf16)."""
     if mesh is None and batch == 1:
@@ -94,7 +100,7 @@ def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1) 
             text_ids(ctx.shape[1], device)[None])  # fmt: skip
     g = torch.full((batch,), 4.0, device=device) if small.use_guidance_embed else None
     ref = model(*args, guidance=g)
-    out = (BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn))(*args, guidance=g)
+    out = (BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap))(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
     return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
 
@@ -134,7 +140,10 @@ def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", ima
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
              mode: str = "embedded", images: int = 1) -> dict | None:  # fmt: skip
-    sp, tp, attn, batch = parse_plan(name)
+    base, _, variant = name.partition(":")
+    if variant not in ("", "overlap"):
+        raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap (e.g. sp4:overlap)")
+    sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch
     if gpus not in (1, info.world_size):
         raise ValueError(f"plan {name} needs {gpus} ranks, the job has {info.world_size}")
@@ -142,8 +151,8 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images}  # fmt: skip
     if gpus > 1 or info.rank == 0:
-        res |= check(cfg, size, mesh, attn, info.device, batch)
-        model = build(cfg, mesh, attn, info.device, fp8, compile)
+        res |= check(cfg, size, mesh, attn, info.device, batch, overlap=variant == "overlap")
+        model = build(cfg, mesh, attn, info.device, fp8, compile, overlap=variant == "overlap")
         model = BatchParallel(model) if batch > 1 else model
         res |= timed(model, cfg, size, steps, info.device, mode, images)
         del model

@@ -54,8 +54,9 @@ def single(tmp_path_factory):
     return d
 
 
-def test_gpus_flag_text_to_image_equals_single_process(single, tmp_path):
-    out = _fluxrt(PROMPT, *ARGS, "--gpus", "2", "--out", str(tmp_path / "p.png"), cwd=tmp_path)
+@pytest.mark.parametrize("plan", [[], ["--parallel", "sp", "--overlap"]], ids=["auto", "sp-overlap"])
+def test_gpus_flag_text_to_image_equals_single_process(single, tmp_path, plan):
+    out = _fluxrt(PROMPT, *ARGS, "--gpus", "2", *plan, "--out", str(tmp_path / "p.png"), cwd=tmp_path)
     assert out.stdout.split() == [str(tmp_path / "p.png")]  # one path, printed once
     _assert_same_image(tmp_path / "p.png", single / "t2i.png")
 
@@ -120,6 +121,8 @@ def test_plan_choice():
         (["--gpus", "3", "--parallel", "tp"], "tensor parallelism over 3 ranks"),
         (["--gpus", "0"], "--gpus must be at least 1"),
         (["--gpus", "2", "--parallel", "batch"], "--num-images 1 runs a forward of 1 row"),
+        (["--gpus", "2", "--parallel", "tp", "--overlap"], "plan tp2 has none"),
+        (["--gpus", "2", "--parallel", "ring", "--overlap"], "plan ring2 has none"),
     ],
 )
 def test_bad_parallel_options_fail_before_loading(argv, message, tmp_path, capsys):

@@ -25,6 +25,16 @@ from fluxrt.parallel.tp import shard_cols, shard_rows
 from fluxrt.sampling.latents import grid_ids, pack, text_ids
 from fluxrt.sampling.run import sample
 
+
+def _has_cpu_compiler() -> bool:
+    from fluxrt.accel import CompilerMissing, check_cpu_compiler
+
+    try:
+        check_cpu_compiler()
+    except CompilerMissing:
+        return False
+    return True
+
 TOL = 1e-5
 H, W, N_TXT = 5, 6, 7  # 30 image tokens, 7 text tokens
 
@@ -133,6 +143,96 @@ def test_sampling_equals_single_process(n, sp, tp, attn):
 
 def test_compiled_sequence_parallel_equals_single_process():
     assert _run(2, _compiled_worker) < TOL
+
+
+def _overlap_worker(sp: int, tp: int, refs: bool) -> tuple[float, int]:
+    """Ulysses with overlapped single blocks (`overlap=True`) against one process; also how many blocks swapped."""
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
+    with torch.no_grad():
+        ref = model(*inputs[:5], guidance=inputs[5])
+        par = parallelize(model, make_mesh(sp, tp), "ulysses", overlap=True)
+        out = par(*inputs[:5], guidance=inputs[5])
+    return _max_over_ranks((out - ref).abs().max().item()), par.overlapped
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])
+@pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_overlapped_ulysses_equals_single_process(n, sp, tp, refs):
+    diff, swapped = _run(n, _overlap_worker, sp, tp, refs)
+    assert diff < TOL
+    # plain weights get the overlapped forward; tensor-parallel ones keep the block's own (with its all-reduce)
+    assert swapped == (TINY.transformer.depth_single_blocks if tp == 1 else 0)
+
+
+def _collective_order_worker(overlap: bool) -> list[str]:
+    """The single block's compiled graph (dynamo capture) as a sequence of all-to-all / wait / matmul events."""
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(False)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=overlap)
+    model.single_blocks[0].compile(backend=capture, fullgraph=True)
+    with torch.no_grad():
+        par(*inputs[:5], guidance=inputs[5])
+    events = []
+    for node in graphs[0].graph.nodes:
+        name = str(node.target)
+        for key, tag in (("all_to_all", "a2a"), ("wait_tensor", "wait"), ("linear", "mm")):
+            if key in name:
+                events.append(tag)
+    return events
+
+
+def _between(events: list[str]) -> list[int]:
+    """Matmuls issued between each all-to-all and the next wait (the work that can hide the transfer)."""
+    out, count = [], None
+    for e in events:
+        if e == "a2a":
+            count = 0
+        elif e == "mm" and count is not None:
+            count += 1
+        elif e == "wait" and count is not None:
+            out, count = out + [count], None
+    return out
+
+
+def test_overlapped_block_issues_matmuls_while_all_to_alls_are_in_flight():
+    plain = _run(2, _collective_order_worker, False)
+    overlapped = _run(2, _collective_order_worker, True)
+    assert plain.count("a2a") == overlapped.count("a2a") == 2
+    assert _between(plain) == [0, 0]  # the block's own order: each transfer waited on at once
+    assert _between(overlapped) == [1, 1]  # the MLP's up product, then its down product, run during the transfers
+
+
+def _inductor_order_worker() -> str:
+    """The overlapped block compiled by inductor as `compile_transformer` does: its generated code as a string of
+    A (all-to-all started), W (waited on), m (matmul)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from fluxrt.accel import compile_transformer
+
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(False)
+    model.single_blocks = model.single_blocks[:1]
+    par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=True)
+    compile_transformer(model.single_blocks[0], scope="model")
+    with torch.no_grad():
+        code = run_and_get_code(lambda: par(*inputs[:5], guidance=inputs[5]))[1][-1]
+    tags = {"all_to_all_single.default(": "A", "wait_tensor.default(": "W", "extern_kernels.mm(": "m"}
+    return "".join(t for line in code.split("def call")[-1].splitlines() for k, t in tags.items() if k in line)
+
+
+@pytest.mark.skipif(not _has_cpu_compiler(), reason="inductor on the CPU needs a C++ compiler")
+def test_compiled_overlapped_block_keeps_a_matmul_behind_the_qkv_transfer():
+    order = _run(2, _inductor_order_worker)
+    assert order.count("A") == order.count("W") == 2, order
+    first = order[order.index("A") : order.index("W")]
+    assert "m" in first, order  # the MLP's up product runs while q, k, v are in flight
 
 
 def _sharded_load_worker(path: str, tp: int) -> tuple[float, float, float, list[str]]:

@@ -78,7 +78,11 @@ def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph:
     if mode not in (None, "default"):
         kwargs["mode"] = mode
     for region in compile_regions(model, scope):
-        region.compile(**kwargs)  # nn.Module.compile: wraps __call__ in place, keeps the module and its keys
+        # a region may ask inductor for options (OverlappedSingleBlock: keep its collectives' overlap); a mode
+        # sets options of its own, so then the mode wins
+        extra = getattr(region, "compile_options", None)
+        opts = {"options": extra} if extra and backend == "inductor" and "mode" not in kwargs else {}
+        region.compile(**kwargs, **opts)  # nn.Module.compile: wraps __call__ in place, keeps the module and its keys
     return model
 
 

@@ -48,6 +48,9 @@ def add_arguments(p) -> None:
                    "tpN, spAtpB, ringAtpB, batchN (default auto: Ulysses sequence parallel when the GPUs divide the "
                    "heads, else ring attention; batch: each forward's rows over the ranks, i.e. a CFG model's two "
                    "halves or --num-images; see docs/PARALLEL.md)")  # fmt: skip
+    p.add_argument("--overlap", action="store_true",
+                   help="Ulysses plans: the single blocks run their MLP products while their all-to-alls are in "
+                   "flight (same weights and result up to rounding order; docs/PARALLEL.md)")  # fmt: skip
 
 
 class BroadcastTextEncoder(nn.Module):
@@ -117,6 +120,8 @@ class Launch:
         plan = choose_plan(spec.transformer, world, getattr(args, "parallel", "auto"))
         if plan.batch > 1:
             check_batch(plan, spec, getattr(args, "num_images", 1))
+        if getattr(args, "overlap", False) and (plan.sp == 1 or plan.attention != "ulysses"):
+            raise ValueError(f"--overlap hides Ulysses all-to-alls; plan {plan.name} has none (use spN or spAtpB)")
         if world == 1:
             return cls(plan)
         device_type = _device_type(args, world, spawning=torchrun_world == 1)
@@ -210,12 +215,12 @@ def rank_generate(plan: Plan, ref, args, valid, record, show_progress: bool):
     if mesh is None:
         pipe.transformer = BatchParallel(pipe.transformer)
     else:
-        pipe.transformer = parallelize(pipe.transformer, mesh, plan.attention)
+        pipe.transformer = parallelize(pipe.transformer, mesh, plan.attention, overlap=getattr(args, "overlap", False))
     if getattr(args, "compile", False):
         from ..accel import compile_transformer
 
         inner = getattr(pipe.transformer, "model", pipe.transformer)  # the Flux2 inside SequenceParallel
-        compile_transformer(inner, fullgraph=False)  # collectives are graph breaks
+        compile_transformer(inner, fullgraph=False)  # all-to-alls and all-reduces trace; ring's send/recv break
     progress = Progress(enabled=show_progress and rank == 0)
     try:
         results = pipe.run(valid, on_step=progress)

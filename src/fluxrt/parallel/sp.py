@@ -27,13 +27,15 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from ..models.attention import attention, attention_backend, register_attention_backend
-from ..models.transformer import SelfAttention, SingleStreamBlock
+from ..models.attention import apply_rope, attention, attention_backend, register_attention_backend
+from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
 
 MODES = ("ulysses", "ring")
 
@@ -93,28 +95,55 @@ def gather_tokens(t: torch.Tensor, n_total: int, group) -> torch.Tensor:
 
 
 def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
-    """Chunk i of dim 0 goes to rank i; chunk r of the result came from rank r."""
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv
+    """Start sending chunk i of dim 0 to rank i; chunk r of the result will hold rank r's. Returns at once: the
+    result may only be read after `_wait`, and work issued in between runs while the data is in flight. The
+    functional ops are called directly so that torch.compile keeps this order (the `funcol` wrappers wait at once
+    when traced)."""
+    split = [send.shape[0] // dist.get_world_size(group)] * dist.get_world_size(group)
+    return torch.ops._c10d_functional.all_to_all_single(send, split, split, group.group_name)
+
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    return torch.ops._c10d_functional.wait_tensor(t)
+
+
+def seq_to_heads_start(x: torch.Tensor, group) -> torch.Tensor:
+    """(S, B, h, Ls, D) sequence shards -> all-to-all in flight; `seq_to_heads_finish` lays out what arrives."""
+    n = dist.get_world_size(group)
+    s, b, h, ls, d = x.shape
+    send = x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, S, B, h/n, Ls, D)
+    return _all_to_all(send, group)
+
+
+def seq_to_heads_finish(recv: torch.Tensor) -> torch.Tensor:
+    """(n, S, B, h/n, Ls, D), recv[r] = rank r's tokens of my heads -> (S, B, h/n, n*Ls, D)."""
+    recv = _wait(recv)
+    n, s, b, hl, ls, d = recv.shape
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(s, b, hl, n * ls, d)
 
 
 def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """(S, B, h, Ls, D) sequence shards -> (S, B, h/n, n*Ls, D) head shards (all tokens of this rank's heads)."""
+    return seq_to_heads_finish(seq_to_heads_start(x, group))
+
+
+def heads_to_seq_start(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, h/n, n*Ls, D) head shards -> all-to-all in flight; `heads_to_seq_finish` lays out what arrives."""
     n = dist.get_world_size(group)
-    s, b, h, ls, d = x.shape
-    send = x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, S, B, h/n, Ls, D)
-    recv = _all_to_all(send, group)  # recv[r] = rank r's tokens of my heads
-    return recv.permute(1, 2, 3, 0, 4, 5).reshape(s, b, h // n, n * ls, d)
+    b, hl, length, d = x.shape
+    return _all_to_all(x.reshape(b, hl, n, length // n, d).permute(2, 0, 1, 3, 4).contiguous(), group)
+
+
+def heads_to_seq_finish(recv: torch.Tensor) -> torch.Tensor:
+    """(n, B, h/n, Ls, D), recv[r] = my tokens of rank r's heads -> (B, h, Ls, D)."""
+    recv = _wait(recv)
+    n, b, hl, ls, d = recv.shape
+    return recv.transpose(0, 1).reshape(b, n * hl, ls, d)
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, h/n, n*Ls, D) head shards -> (B, h, Ls, D) sequence shards; the inverse of `seq_to_heads`."""
-    n = dist.get_world_size(group)
-    b, hl, length, d = x.shape
-    send = x.reshape(b, hl, n, length // n, d).permute(2, 0, 1, 3, 4).contiguous()  # (n, B, h/n, Ls, D)
-    recv = _all_to_all(send, group)  # recv[r] = my tokens of rank r's heads
-    return recv.transpose(0, 1).reshape(b, n * hl, length // n, d)
+    return heads_to_seq_finish(heads_to_seq_start(x, group))
 
 
 def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_index=None) -> torch.Tensor:
@@ -122,13 +151,20 @@ def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_i
 
     The local attention runs with the backend `inner`; padded keys are dropped before it (exact, no mask).
     """
-    q, k, v = seq_to_heads(torch.stack([q, k, v]), group).unbind(0)  # each (B, h/n, n*Ls, D)
+    heads = seq_to_heads_start(torch.stack([q, k, v]), group)
+    return heads_to_seq(ulysses_local(heads, layout, inner, key_index), group)
+
+
+def ulysses_local(heads: torch.Tensor, layout: Layout, inner: str, key_index=None) -> torch.Tensor:
+    """What arrived from `seq_to_heads_start` of stacked q, k, v -> this rank's heads' attention output
+    (B, h/n, n*Ls, D), ready for `heads_to_seq`."""
+    q, k, v = seq_to_heads_finish(heads).unbind(0)  # each (B, h/n, n*Ls, D)
     if layout.padded:
         idx = layout.key_index(q.device) if key_index is None else key_index
         k, v = k.index_select(2, idx), v.index_select(2, idx)
     with attention_backend(inner):
         out = attention(q, k, v)  # (B, n*Ls, h/n * D)
-    return heads_to_seq(out.unflatten(-1, (q.shape[1], -1)).transpose(1, 2), group)
+    return out.unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
 
 
 def block_attention(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +236,15 @@ class _Call:
 _CALLS: list[_Call] = []  # the sharded forward in progress (a stack, so nested wrappers would also work)
 
 
+def _current() -> _Call:
+    if not _CALLS:
+        raise RuntimeError("sequence-parallel attention only runs inside SequenceParallel.forward")
+    return _CALLS[-1]
+
+
 def _sp_backend(q, k, v) -> torch.Tensor:
     """The "sequence-parallel" attention backend: dispatches to the mode of the forward in progress."""
-    if not _CALLS:
-        raise RuntimeError("the 'sequence-parallel' attention backend only runs inside SequenceParallel.forward")
-    c = _CALLS[-1]
+    c = _current()
     if q.shape[2] != c.layout.pt + c.layout.pi or k.shape[2] != q.shape[2]:
         raise RuntimeError(
             f"sequence-parallel attention expected {c.layout.pt + c.layout.pi} local tokens, got q {q.shape[2]}, "
@@ -228,6 +268,46 @@ def _installed(call: _Call):
         _CALLS.pop()
 
 
+class OverlappedSingleBlock(SingleStreamBlock):
+    """A SingleStreamBlock whose Ulysses all-to-alls run behind its MLP products (same weights, same function).
+
+    The block's math in an order that leaves the GPU work while q, k, v travel to their head shards and the
+    attention output travels back: linear1 is applied as its [q | k | v] rows and its [gate | up] rows, linear2 as
+    its attention columns and its MLP columns (views of the same weights; outputs equal up to rounding order).
+    `SequenceParallel(..., overlap=True)` swaps the class of the blocks it can (plain `nn.Linear` weights: not
+    tensor-parallel or quantized ones); state_dict keys, parameters and the checkpoint layout are unchanged.
+    Compiled, inductor's reordering for peak memory would move the MLP products after the waits (seen on the CPU),
+    so `compile_transformer` compiles these blocks without it: the q, k, v transfer (3/4 of the bytes) then runs
+    behind the MLP's up product; the output's transfer is waited on before the down product.
+    """
+
+    compile_options: ClassVar[dict] = {"reorder_for_peak_memory": False}
+
+    def forward(self, x, pe, mod, n_txt: int, kv=None):
+        c = _CALLS[-1] if _CALLS else None  # outside SequenceParallel.forward the block is a plain block
+        if c is None or kv is not None or c.mode != "ulysses":
+            return super().forward(x, pe, mod, n_txt, kv)
+        shift, scale, gate = mod
+        h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
+        q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
+        q, k = self.norm(q, k, v)
+        heads = seq_to_heads_start(torch.stack([apply_rope(q, pe), apply_rope(k, pe), v]), c.group)
+        mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
+        back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index), c.group)
+        y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight
+        attn = heads_to_seq_finish(back).transpose(1, 2).flatten(2)  # (B, Ls, H)
+        return x + gate * (F.linear(attn, w2[:, :hid]) + y)
+
+
+def overlap_single_blocks(model: nn.Module) -> int:
+    """Give every SingleStreamBlock of `model` with plain nn.Linear weights the overlapped forward; returns how many."""
+    blocks = [m for m in model.modules() if type(m) is SingleStreamBlock]
+    plain = [b for b in blocks if type(b.linear1) is nn.Linear and type(b.linear2) is nn.Linear]
+    for b in plain:
+        b.__class__ = OverlappedSingleBlock
+    return len(plain)
+
+
 def local_heads(model: nn.Module) -> int:
     """Attention heads each rank computes (fewer than cfg.num_heads after tensor parallelism)."""
     return next(m.heads for m in model.modules() if isinstance(m, (SelfAttention, SingleStreamBlock)))
@@ -245,10 +325,13 @@ class SequenceParallel(nn.Module):
     attention: "ulysses" (all-to-all over heads; needs the local head count divisible by the group size) or
     "ring" (K/V passed around the ring; any head count, less memory per rank for very long sequences).
     inner: the attention backend Ulysses uses for its local full attention ("sdpa", "math", or a registered one).
-    Every rank passes the same full inputs and gets the same full (B, L_img, 128) output.
+    overlap: Ulysses only; the single blocks compute their MLP products while their all-to-alls are in flight
+    (`OverlappedSingleBlock`; apply before compiling). Every rank passes the same full inputs and gets the same
+    full (B, L_img, 128) output.
     """
 
-    def __init__(self, model: nn.Module, group=None, attention: str = "ulysses", inner: str = "sdpa"):
+    def __init__(self, model: nn.Module, group=None, attention: str = "ulysses", inner: str = "sdpa",
+                 overlap: bool = False):  # fmt: skip
         super().__init__()
         if attention not in MODES:
             raise ValueError(f"unknown sequence-parallel attention {attention!r}; known: {', '.join(MODES)}")
@@ -257,6 +340,7 @@ class SequenceParallel(nn.Module):
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if attention == "ulysses":
             check_divisible(local_heads(model), self.world, "Ulysses: attention heads per rank")
+        self.overlapped = overlap_single_blocks(model) if overlap and attention == "ulysses" else 0
 
     @property
     def cfg(self):
