@@ -131,12 +131,14 @@ def test_guards_on_arguments_and_devices():
             CUDAGraphStep(model)
 
 
-def test_missing_cpu_compiler_is_a_clear_error_at_compile_time(monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
+def test_missing_cpu_compiler_is_a_clear_error_at_compile_time():
     model = tiny_flow(guidance_embed=True)
-    with pytest.raises(CompilerMissing, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler.*without --compile"):
-        compile_transformer(model)
+    # config.patch, not monkeypatch: undoing a monkeypatch of inductor's config proxy deletes the option for good
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        with pytest.raises(CompilerMissing, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+-compiler.*without --compile"):
+            compile_transformer(model)
     assert not is_compiled(model)
+    assert torch._inductor.config.cpp.cxx != ("no-such-c++-compiler",)  # restored
 
 
 def test_generate_compile_flag_compiles_the_blocks_and_changes_nothing(monkeypatch, tmp_path):

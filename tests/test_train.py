@@ -219,9 +219,11 @@ def test_budget_refits_when_steps_slow_down(monkeypatch):
 
 
 @pytest.mark.parametrize("name,missed", [
-    ("2026-11-26_h100_shapes_eval_student_v2.json", []),  # the shipped student: every target, gap exactly 5 points
+    ("2026-11-26_h100_shapes_eval_student_v2.json", []),  # 5th session's student: every target, gap exactly 5 points
     ("2026-11-26_h100_shapes_eval.json", ["gap"]),  # 4th session: 8 and 12 points behind on edits, composition
     ("2026-11-26_h100_shapes_eval_one_command_run3.json", ["t2i_single", "t2i_double", "edit", "compose"]),
+    ("2026-11-27_h100_shapes_eval_one_command_run4.json", ["gap"]),  # shipped weights, n = 100: composition -8
+    ("2026-11-27_h100_shapes_eval400_run4.json", []),  # the same weights on 400 samples per set: -4 at most
 ])  # fmt: skip
 def test_eval_verdict_on_recorded_runs(name, missed):
     import json
@@ -233,3 +235,12 @@ def test_eval_verdict_on_recorded_runs(name, missed):
     res = json.loads((REPO_ROOT / "bench" / "results" / name).read_text())
     met = verdict(res["student"], res["teacher"])
     assert [k for k, ok in met.items() if not ok and k != "all"] == missed and met["all"] is (missed == [])
+
+
+def test_gap_standard_error_shrinks_with_samples():
+    from fluxrt.train.evaluate import gap_standard_errors
+
+    s, t = {"compose": 0.79, "edit": 1.0}, {"compose": 0.87, "edit": 1.0}
+    se100, se400 = gap_standard_errors(s, t, 100), gap_standard_errors(s, t, 400)
+    assert se100["compose"] == pytest.approx(((0.79 * 0.21 + 0.87 * 0.13) / 100) ** 0.5)  # 0.0526
+    assert se400["compose"] == pytest.approx(se100["compose"] / 2) and se100["edit"] == 0.0
