@@ -276,12 +276,12 @@ class OverlappedSingleBlock(SingleStreamBlock):
     its attention columns and its MLP columns (views of the same weights; outputs equal up to rounding order).
     `SequenceParallel(..., overlap=True)` swaps the class of the blocks it can (plain `nn.Linear` weights: not
     tensor-parallel or quantized ones); state_dict keys, parameters and the checkpoint layout are unchanged.
-    Compiled, inductor's reordering for peak memory would move the MLP products after the waits (seen on the CPU),
-    so `compile_transformer` compiles these blocks without it: the q, k, v transfer (3/4 of the bytes) then runs
-    behind the MLP's up product; the output's transfer is waited on before the down product.
+    Compiled, inductor's reordering (for peak memory, for locality) would move the MLP products after the waits
+    (seen in its generated code on the CPU), so `compile_transformer` compiles these blocks without it: the
+    program order stays, the up product behind the q, k, v transfer and the down product behind the output's.
     """
 
-    compile_options: ClassVar[dict] = {"reorder_for_peak_memory": False}
+    compile_options: ClassVar[dict] = {"reorder_for_peak_memory": False, "reorder_for_locality": False}
 
     def forward(self, x, pe, mod, n_txt: int, kv=None):
         c = _CALLS[-1] if _CALLS else None  # outside SequenceParallel.forward the block is a plain block
