@@ -122,11 +122,6 @@ def seq_to_heads_finish(recv: torch.Tensor) -> torch.Tensor:
     return recv.permute(1, 2, 3, 0, 4, 5).reshape(s, b, hl, n * ls, d)
 
 
-def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
-    """(S, B, h, Ls, D) sequence shards -> (S, B, h/n, n*Ls, D) head shards (all tokens of this rank's heads)."""
-    return seq_to_heads_finish(seq_to_heads_start(x, group))
-
-
 def heads_to_seq_start(x: torch.Tensor, group) -> torch.Tensor:
     """(B, h/n, n*Ls, D) head shards -> all-to-all in flight; `heads_to_seq_finish` lays out what arrives."""
     n = dist.get_world_size(group)
@@ -142,7 +137,7 @@ def heads_to_seq_finish(recv: torch.Tensor) -> torch.Tensor:
 
 
 def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    """(B, h/n, n*Ls, D) head shards -> (B, h, Ls, D) sequence shards; the inverse of `seq_to_heads`."""
+    """(B, h/n, n*Ls, D) head shards -> (B, h, Ls, D) sequence shards; the inverse of `seq_to_heads_*`."""
     return heads_to_seq_finish(heads_to_seq_start(x, group))
 
 
@@ -236,15 +231,11 @@ class _Call:
 _CALLS: list[_Call] = []  # the sharded forward in progress (a stack, so nested wrappers would also work)
 
 
-def _current() -> _Call:
-    if not _CALLS:
-        raise RuntimeError("sequence-parallel attention only runs inside SequenceParallel.forward")
-    return _CALLS[-1]
-
-
 def _sp_backend(q, k, v) -> torch.Tensor:
     """The "sequence-parallel" attention backend: dispatches to the mode of the forward in progress."""
-    c = _current()
+    if not _CALLS:
+        raise RuntimeError("the 'sequence-parallel' attention backend only runs inside SequenceParallel.forward")
+    c = _CALLS[-1]
     if q.shape[2] != c.layout.pt + c.layout.pi or k.shape[2] != q.shape[2]:
         raise RuntimeError(
             f"sequence-parallel attention expected {c.layout.pt + c.layout.pi} local tokens, got q {q.shape[2]}, "
