@@ -9,14 +9,19 @@ Plans (the product of the numbers must be the world size, except "1"):
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
   PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
-Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (bf16, --images
+Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (plan "1":
+--base-steps if given, to spare device time on the slow baseline; compare s/step then) (bf16, --images
 images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
 klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)),
 built on the meta device and materialised per rank already sharded, so no rank ever holds more than its plan
 needs (with --fp8 and a TP plan, each rank builds the whole bf16 model, quantizes it and then shards it).
 A correctness check runs first for each plan: a shallow model of the same width (1 double + 2 single blocks,
 real sliced weights) at the same size, parallel vs one process on the same rank, bf16; its max |diff| and
-max |reference| are recorded. NCCL_* variables are recorded as found and never set.
+max |reference| are recorded. With --profile-steps K, one more `sample()` of K steps runs under torch.profiler and
+rank 0's device kernels per step are binned as bench/profile_step.py does (gemm, attention, triton, elementwise,
+collective, other), with the step's wall time and its compute-idle time (wall minus every non-collective kernel:
+exposed communication plus launch gaps; collectives overlapped with compute do not count).
+NCCL_* variables are recorded as found and never set.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from fluxrt.sampling.run import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fill_random_  # noqa: E402  (per-tensor seeds: the same values on every rank)
+from profile_step import profile_events, summarize  # noqa: E402
 
 
 def parse_plan(name: str) -> tuple[int, int, str, int]:
@@ -138,8 +144,22 @@ def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", ima
             "peak_mem_gib_rank": _peak_gib(device)}  # fmt: skip
 
 
+def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1) -> dict:
+    """One `sample()` of `steps` steps under torch.profiler (after `timed`, so compiled and warm): this rank's
+    kernel time per step by bin, the wall time per step, and the compute-idle time (wall minus every kernel but
+    the collectives)."""
+    noise, ctx = inputs(cfg, size, device, images=images)
+    kw = {"mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
+    source, records, wall = profile_events(lambda: sample(model, noise, ctx, num_steps=steps, **kw), device, 1)
+    summary = summarize(records, steps, top=12)
+    compute = sum(c["ms_per_step"] for name, c in summary["categories"].items() if name != "collective")
+    wall_ms = wall * 1e3 / steps
+    return {"profile": summary | {"source": source, "steps": steps, "wall_ms_per_step": wall_ms,
+                                  "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
+
+
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
-             mode: str = "embedded", images: int = 1) -> dict | None:  # fmt: skip
+             mode: str = "embedded", images: int = 1, profile_steps: int = 0) -> dict | None:  # fmt: skip
     base, _, variant = name.partition(":")
     if variant not in ("", "overlap"):
         raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap (e.g. sp4:overlap)")
@@ -155,6 +175,8 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap=variant == "overlap")
         model = BatchParallel(model) if batch > 1 else model
         res |= timed(model, cfg, size, steps, info.device, mode, images)
+        if profile_steps:
+            res |= profiled(model, cfg, size, profile_steps, info.device, mode, images)
         del model
         if info.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -167,6 +189,8 @@ def main(argv=None):
     ap.add_argument("--model", default="flux.2-dev")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024])
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--base-steps", type=int, default=None, help="timed steps of plan 1 (default --steps)")
+    ap.add_argument("--profile-steps", type=int, default=0, help="then profile a sample() of this many steps")
     ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
     ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; TP shards them after)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
@@ -180,18 +204,19 @@ def main(argv=None):
     for size in args.sizes:
         base = None
         for name in args.plans:
-            res = run_plan(name, cfg, size, args.steps, info, args.fp8, args.compile, spec.guidance_mode, args.images)
+            steps = args.base_steps if name == "1" and args.base_steps else args.steps
+            res = run_plan(name, cfg, size, steps, info, args.fp8, args.compile, spec.guidance_mode, args.images,
+                           args.profile_steps)  # fmt: skip
             if dist.is_initialized():
                 dist.barrier()
             if info.rank == 0:
                 base = res["s_per_step"] if name == "1" else base
-                res |= {"model": args.model, "size": size, "steps": args.steps, "world_size": info.world_size}
+                res |= {"model": args.model, "size": size, "steps": steps, "world_size": info.world_size}
                 res |= {"speedup_vs_1gpu": base / res["s_per_step"]} if base else {}
                 print(json.dumps(res), flush=True)
                 records.append(res)
-    if info.rank == 0:
-        with open(args.out, "w") as f:
-            json.dump([r | run_info(info.device, args) for r in records], f, indent=1)
+                with open(args.out, "w") as f:  # after every plan: a job cut short keeps what it measured
+                    json.dump([r | run_info(info.device, args) for r in records], f, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

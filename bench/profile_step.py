@@ -12,7 +12,7 @@ layers, then compiled; last, since it replaces the Linears in place). Between va
 dynamo's caches are dropped. Per variant: s/step (median of CUDA-event-timed steps after warm-up, the first
 call's wall time with the compile is first_call_s), then --profile-steps more steps under `torch.profiler`, whose
 device kernels are summed per step and binned by name (`classify`): gemm, attention, triton (inductor's fused
-kernels), elementwise (unfused ATen kernels, copies), other. Off CUDA (--dry-run) the bins hold the CPU ops'
+kernels), elementwise (unfused ATen kernels, copies), collective (NCCL), other. Off CUDA (--dry-run) the bins hold the CPU ops'
 self times instead.
 
 Derived per variant: the step's FLOPs split into attention (4·N²·hidden per block, N = text + image tokens) and
@@ -61,7 +61,7 @@ from fluxrt.quant.fp8 import quantize_transformer
 
 IMPLS = ("eager", "compiled", "autotune", "fp8-compiled")  # the order they run in
 AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
-CATEGORIES = ("gemm", "attention", "triton", "elementwise", "other")
+CATEGORIES = ("gemm", "attention", "triton", "elementwise", "collective", "other")
 TOP = 25
 
 # ------------------------------------------------------------------------------------------ kernel names
@@ -81,6 +81,8 @@ def classify(name: str) -> str:
     its other Triton kernels (triton_poi/per/red_fused_*, even those named after an addmm epilogue) to "triton".
     """
     n = name.lower()
+    if "nccl" in n or "c10d" in n:  # NCCL's kernels (ncclDevKernel_SendRecv ...), the collective ops off CUDA
+        return "collective"
     if n.startswith("triton_tem"):
         return "attention" if "attention" in n or "flex" in n else "gemm" if "mm" in n else "triton"
     if n.startswith("triton"):

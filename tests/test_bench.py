@@ -181,3 +181,26 @@ def test_parallel_bench_times_cfg_models_and_batch_plans():
     one, batch = spawn(2, _parallel_bench_worker, ("1", "batch2"), start_method="fork", timeout_s=120)
     assert one["mode"] == batch["mode"] == "cfg" and one["gpus"] == 1 and batch["gpus"] == 2 == batch["batch"]
     assert batch["check_max_abs_diff"] <= 0.01 * batch["check_ref_max_abs"] and batch["output_finite"]  # bf16
+
+
+def _parallel_profile_worker() -> dict:
+    import parallel as parallel_bench
+    import torch.distributed as dist
+
+    from fluxrt.config import TINY
+    from fluxrt.parallel import DistInfo
+
+    torch.set_num_threads(1)
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"))
+    return parallel_bench.run_plan("sp2", TINY.transformer, 32, 1, info, profile_steps=2)
+
+
+def test_parallel_bench_profiles_a_plan_with_its_collectives():
+    """--profile-steps bins a Ulysses plan's work per step; its all-to-alls land in the collective bin."""
+    from fluxrt.parallel import spawn
+
+    res = spawn(2, _parallel_profile_worker, start_method="fork", timeout_s=120)  # rank 0's
+    prof = res["profile"]
+    assert prof["steps"] == 2 and prof["source"] == "cpu" and prof["wall_ms_per_step"] > 0
+    assert prof["categories"]["collective"]["calls_per_step"] >= 2 * 2  # q,k,v and output, >= 2 blocks
+    assert prof["categories"]["gemm"]["ms_per_step"] > 0

@@ -38,6 +38,8 @@ KERNELS = {
     "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>(...)": "elementwise",
     "Memcpy DtoD (Device -> Device)": "elementwise",
     "aten::mul": "elementwise",
+    "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)": "collective",
+    "_c10d_functional::all_to_all_single": "collective",
     "Torch-Compiled Region: 0/0": "other",
 }  # fmt: skip
 
