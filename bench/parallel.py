@@ -9,7 +9,9 @@ Plans (the product of the numbers must be the world size, except "1"):
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
   PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
-Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (plan "1":
+Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
+the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
+left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (plan "1":
 --base-steps if given, to spare device time on the slow baseline; compare s/step then) (bf16, --images
 images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
 klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)),
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -178,8 +181,11 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
         if profile_steps:
             res |= profiled(model, cfg, size, profile_steps, info.device, mode, images)
         del model
+        torch._dynamo.reset()  # drop compiled code before the next plan builds its model
+        gc.collect()
         if info.device.type == "cuda":
             torch.cuda.empty_cache()
+            res["left_allocated_gib_rank"] = torch.cuda.memory_allocated(info.device) / 2**30
     peak = _all_max(res.get("peak_mem_gib_rank", 0.0), info.device)
     return res | {"peak_mem_gib_max_rank": peak} if info.rank == 0 else None
 

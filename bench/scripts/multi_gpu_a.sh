@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run on 2026-11-27: its multi-plan compiled jobs ran out of memory after the first plan (see multi_gpu_d.sh,
+# one plan per job, and bench/RESULTS.md); kept as the record of what produced those rows.
 # 4 GPUs of one host: dev, compiled, bf16. 1024²: one GPU (10 steps), Ulysses SP 4, SP 4 with --overlap, each then
 # profiled for 3 steps; 2048²: the same plans, 50 steps (one GPU 10). Results and logs under $OUT.
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}

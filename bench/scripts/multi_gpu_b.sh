@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run on 2026-11-27: its multi-plan compiled jobs ran out of memory after the first plan (see multi_gpu_d.sh,
+# one plan per job, and bench/RESULTS.md); kept as the record of what produced those rows.
 # 4 GPUs of one host: dev 2048², compiled, fp8 (default layers): one GPU (10 steps) and Ulysses SP 4; then on GPUs
 # 0 and 1 alone, Ulysses SP 2.
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}

@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run on 2026-11-27: its multi-plan compiled jobs ran out of memory after the first plan (see multi_gpu_d.sh,
+# one plan per job, and bench/RESULTS.md); kept as the record of what produced those rows.
 # Three jobs at once on separate GPUs of one 4-GPU host. GPUs 0, 1: dev compiled bf16 Ulysses SP 2 and SP 2 with
 # --overlap at 1024² (profiled 3 steps) and 2048², 50 steps. GPU 2: issue 5's dev cases against diffusers
 # (2048², 1024² with 4 references, 512²). GPU 3: klein 4B and 9B against diffusers. diffusers from carried wheels.
