@@ -193,6 +193,9 @@ BAD = [
     (["--match-image-size", "0"], "match_image_size 0"),
     (["--from", "/no/such/image.png"], "/no/such/image.png"),
     (["--device", "nonsense:7"], "nonsense:7"),
+    (["--cache", "0"], "'0'"),
+    (["--cache", "fast"], "'fast'"),
+    (["--cache", "0.1", "--gpus", "2"], "--cache does not run on several GPUs"),
 ]
 
 
@@ -322,3 +325,18 @@ def test_c2pa_needs_both_files_and_a_supported_format(tmp_path, capsys):
     assert code == 2 and "--c2pa-key" in capsys.readouterr().err
     code = cli.main(["generate", "x", "--out", str(tmp_path / "a.webp"), *FAST, "--c2pa-cert", "c", "--c2pa-key", "k"])
     assert code == 2 and "'webp'" in capsys.readouterr().err and not (tmp_path / "a.webp").exists()
+
+
+def test_step_cache_is_applied_recorded_and_kept_by_from(tmp_path, capsys):
+    """--cache loads the embedded model with the step cache (a huge threshold skips every step after the first),
+    the record says so, and --from makes the same image with the same cache."""
+    first, again, exact = tmp_path / "c.png", tmp_path / "again.png", tmp_path / "exact.png"
+    base = ["generate", "a red circle", "--seed", "3", "--size", "64x64", "--steps", "3", "--quiet", "--device", "cpu"]
+    assert cli.main([*base, "--cache", "1e9", "--out", str(first)]) == 0
+    assert cli.main([*base, "--out", str(exact)]) == 0
+    assert cli.main(["generate", "--from", str(first), "--out", str(again), "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    record = read_metadata(first)
+    assert record["step_cache"] == 1e9 and record["step_cache_skipped"] == "2/3"
+    assert "step_cache" not in read_metadata(exact)
+    assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(exact))

@@ -13,6 +13,7 @@ The request is validated against the model's spec (read from headers) before any
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -34,6 +35,7 @@ examples:
   fluxrt generate "put them side by side" --ref a.png --ref b.png --ref c.png --match-image-size 0
   fluxrt generate "a cat" --model flux.2-klein-4b --num-images 4 --out cats/
   fluxrt generate --from outputs/7_0.png --out again.png      # reproduce an image from its metadata
+  fluxrt generate "a red circle" --cache 0.2                  # lossy: skip the later blocks on quiet steps
 """
 INFO_EXAMPLES = """\
 examples:
@@ -80,6 +82,16 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"invalid step cache threshold {text!r}: a number > 0, e.g. 0.1")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------- parser
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate images from a prompt and optional reference images",
@@ -117,6 +129,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (lossless; "
                    "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU)")  # fmt: skip
+    p.add_argument("--cache", type=_threshold, metavar="THRESHOLD", help="step cache (lossy, off by default): on "
+                   "steps whose first block changed by less than THRESHOLD (relative, e.g. 0.1) since the last full "
+                   "step, reuse what the later blocks added then; higher is faster and further from the exact image")  # fmt: skip
     from .memory.options import add_arguments as add_memory_arguments
     from .parallel.generate import add_arguments as add_parallel_arguments
 
@@ -253,7 +268,13 @@ def _load(ref, args, record: dict, **extra):
     return Pipeline.load(ref, device=args.device, text_encoder_device=args.text_encoder_device,
                          ae_device=args.ae_device, dtype=DTYPES[dtype_name] if dtype_name else None,
                          compile=args.compile, text_encoder_url=getattr(args, "text_encoder_url", None),
-                         **load_kwargs(args), **extra)  # fmt: skip
+                         step_cache=step_cache_from_args(args, record), **load_kwargs(args), **extra)  # fmt: skip
+
+
+def step_cache_from_args(args, record: dict) -> float | None:
+    """--cache, else the threshold `--from`'s image was made with (a lossy setting it must keep), else off."""
+    value = getattr(args, "cache", None)
+    return value if value is not None else record.get("step_cache")
 
 
 def cmd_generate(args) -> int:
@@ -275,6 +296,9 @@ def cmd_generate(args) -> int:
     from .parallel.generate import Launch
 
     launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
+    if launch.parallel and step_cache_from_args(args, record) is not None:
+        raise RequestError("--cache does not run on several GPUs yet (each rank would decide on its own shard); "
+                           "drop --cache or --gpus / torchrun")  # fmt: skip
     pipe = None if launch.parallel else _load(ref, args, record)
     from .safety import guard_for
 

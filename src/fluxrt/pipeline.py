@@ -196,7 +196,7 @@ class Pipeline:
              preset: str | None = None, compile: bool = False, load_text_encoder: bool = True,
              text_encoder_url: str | None = None, text_encoder_token: str | None = None, quant: str | None = None,
              vram: int | str | None = None, offload: str | None = None, plan=None,
-             transformer_split=None) -> Pipeline:  # fmt: skip
+             transformer_split=None, step_cache: float | None = None) -> Pipeline:  # fmt: skip
         """Load a model (see the module docstring) with each component on its own device (default: cuda if any).
 
         dtype: transformer and text encoder compute dtype (default bf16 on a GPU, fp32 on the CPU); the VAE runs
@@ -210,6 +210,8 @@ class Pipeline:
         transformer's blocks) go to `fluxrt.memory.plan_memory`, or pass its `plan`; the plan then decides
         formats and placements (text encoder too) and is kept as `pipe.plan`. transformer_split: passed to
         `load_transformer` (tensor-parallel ranks load only their shards: `fluxrt.parallel.tp.sharded_loading`).
+        step_cache: a threshold (e.g. 0.1) for `fluxrt.accel.cache` (lossy: later blocks skipped on steps whose
+        first block changed less than that since the last full step); None: off.
         """
         dev = parse_device(device)
         te_dev = parse_device(text_encoder_device) if text_encoder_device is not None else dev
@@ -239,6 +241,10 @@ class Pipeline:
             from .accel import optimize
 
             optimize(transformer, compile=True)
+        if step_cache is not None:
+            from .accel.cache import apply_step_cache
+
+            apply_step_cache(transformer, step_cache)
         pipe = cls(ref.spec, transformer, ae, te, dtype or _default_dtype(dev), name=ref.name,
                    offload_text_encoder=offload_text_encoder and te is not None, text_encoder_device=te_dev)  # fmt: skip
         pipe.plan = plan
@@ -351,6 +357,9 @@ class Pipeline:
             raise RequestError(f"request validated for {valid.spec_name!r}, this pipeline runs {self.spec.name!r}")
         samples = list(valid.samples)
         total = valid.steps * len(batches(samples, max_batch))
+        cache = getattr(self.transformer, "step_cache", None)
+        if cache is not None:
+            cache.clear_counts()
         done = [0]
 
         def step(i, _img):
@@ -362,6 +371,8 @@ class Pipeline:
         run_info = {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
         if self.plan is not None and self.plan.quant:  # lossy: --from must know it
             run_info["quant"] = self.plan.quant
+        if cache is not None:  # lossy too: the threshold, and how many of the run's forwards skipped later blocks
+            run_info |= {"step_cache": cache.threshold, "step_cache_skipped": f"{cache.skipped}/{cache.steps}"}
         return [GenerationResult(im, {**valid.record(i), **run_info}) for i, im in enumerate(images)]
 
 

@@ -2,7 +2,8 @@
 
 `optimize(model, fp8=False, compile=False)` is the one switch a pipeline or CLI flag needs: it quantizes first
 (lossy, opt-in: fp8 changes the function by about the e4m3 rounding error, see fluxrt.quant.fp8) and then
-compiles (lossless up to floating-point reassociation). Each transform is also usable on its own.
+compiles (lossless up to floating-point reassociation). Each transform is also usable on its own. The step cache
+(`fluxrt.accel.cache.apply_step_cache`, lossy, opt-in) changes which blocks run per step, not how they compute.
 """
 
 from __future__ import annotations
