@@ -463,3 +463,32 @@ def test_c2pa_config_needs_both_files(tmp_path):
         ServiceConfig(data_dir=tmp_path, c2pa_cert=tmp_path / "chain.pem")
     with pytest.raises(ValueError, match="is not a file"):
         ServiceConfig(data_dir=tmp_path, c2pa_cert=tmp_path / "chain.pem", c2pa_key=tmp_path / "k.pem")
+
+
+def test_serve_cache_option_reaches_the_loaded_pipeline(tmp_path, monkeypatch):
+    """`fluxrt serve --cache 0.2` loads the model with the step cache; a bad value is refused by the parser."""
+    import argparse
+
+    from fluxrt.cli import threshold_arg
+    from fluxrt.service.cli import add_serve_parser, config_from_args
+    from fluxrt.service.worker import Worker
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_serve_parser(sub)
+    parser = sub.choices["serve"]
+    config = config_from_args(parser.parse_args(["--cache", "0.2", "--data-dir", str(tmp_path)]))
+    assert config.step_cache == 0.2
+    assert config_from_args(parser.parse_args(["--data-dir", str(tmp_path)])).step_cache is None
+    with pytest.raises(argparse.ArgumentTypeError, match="'-1'"):
+        threshold_arg("-1")
+    pipe, seen = shared_pipeline(), {}
+
+    def load(model, **kw):
+        seen.update(kw)
+        return pipe
+
+    monkeypatch.setattr("fluxrt.pipeline.Pipeline.load", load)
+    worker = Worker.__new__(Worker)
+    worker.config, worker.pipe, worker.spec = config, None, pipe.spec
+    worker._load()
+    assert seen["step_cache"] == 0.2 and worker.pipe is pipe

@@ -82,7 +82,8 @@ def _device(text: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _threshold(text: str) -> float:
+def threshold_arg(text: str) -> float:
+    """argparse type of --cache (generate and serve): a finite number > 0."""
     try:
         value = float(text)
     except ValueError:
@@ -129,7 +130,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (lossless; "
                    "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU)")  # fmt: skip
-    p.add_argument("--cache", type=_threshold, metavar="THRESHOLD", help="step cache (lossy, off by default): on "
+    p.add_argument("--cache", type=threshold_arg, metavar="THRESHOLD", help="step cache (lossy, off by default): on "
                    "steps whose first block changed by less than THRESHOLD (relative, e.g. 0.1) since the last full "
                    "step, reuse what the later blocks added then; higher is faster and further from the exact image")  # fmt: skip
     from .memory.options import add_arguments as add_memory_arguments

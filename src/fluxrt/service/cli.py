@@ -16,6 +16,7 @@ examples:
   python -c "import secrets; print(secrets.token_urlsafe(32))" > tokens.txt
   fluxrt serve --host 0.0.0.0 --port 8000 --token-file tokens.txt --data-dir /var/lib/fluxrt
   fluxrt serve --model flux.2-dev --device cuda --token-file tokens.txt --queue-size 32 --max-batch 4
+  fluxrt serve --cache 0.2                                  # lossy: the step cache on every job
   fluxrt serve --text-encoder-only --model flux.2-dev --device cuda --port 8001 --token-file tokens.txt
 """
 
@@ -34,6 +35,10 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--device", help="device of every component (default: cuda if any, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="compute dtype (default: bf16 on GPU, fp32 "
                    "on CPU)")  # fmt: skip
+    from ..cli import threshold_arg
+
+    p.add_argument("--cache", type=threshold_arg, metavar="THRESHOLD", help="step cache for every job (lossy, off "
+                   "by default; as for fluxrt generate --cache); results record it")  # fmt: skip
     p.add_argument("--queue-size", type=int, default=16, metavar="N", help="unfinished jobs accepted before 429 "
                    "(default 16)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=4, metavar="N", help="images per batch of compatible jobs")
@@ -75,7 +80,7 @@ def config_from_args(args):
     limits = ServiceLimits(max_body_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
                            request=request_limits)  # fmt: skip
     return ServiceConfig(data_dir=args.data_dir, tokens=load_tokens(args.token_file), host=args.host,
-                         model=args.model, device=args.device, dtype=dtype, limits=limits,
+                         model=args.model, device=args.device, dtype=dtype, step_cache=args.cache, limits=limits,
                          queue_size=args.queue_size, max_batch=args.max_batch, job_timeout_s=args.timeout,
                          max_job_timeout_s=args.max_timeout, previews=not args.no_previews, safety=args.safety,
                          text_encoder_only=args.text_encoder_only, public_metrics=args.public_metrics,

@@ -4,7 +4,8 @@ Contract:
     ServiceConfig(data_dir, tokens=(), host="127.0.0.1", pipeline=None, loader=None, model=None, ...)
         Checked at construction: auth may be off (no tokens) only when `host` is a loopback address.
         Exactly one of `pipeline` (built, e.g. in tests), `loader` (called once in the worker thread) or neither
-        (then `Pipeline.load(model, device=..., dtype=...)` runs in the worker thread) provides the model.
+        (then `Pipeline.load(model, device=..., dtype=..., step_cache=...)` runs in the worker thread) provides
+        the model.
     ServiceLimits   upload and request limits; `request` is the `fluxrt.request.Limits` every job is validated with.
     load_tokens(token_file=None, environ=os.environ) -> tuple[str, ...]
         tokens from a file (one per line, `#` comments) and from $FLUXRT_TOKENS (comma or space separated);
@@ -53,6 +54,7 @@ class ServiceConfig:
     model: str | None = None  # what to load when neither pipeline nor loader is given (None: the embedded model)
     device: str | None = None
     dtype: object | None = None
+    step_cache: float | None = None  # `fluxrt.accel.cache` threshold for the loaded model (lossy); None: off
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     queue_size: int = 16  # accepted, unfinished jobs (queued + running); beyond it: 429
     max_batch: int = 4  # images per batch of compatible jobs

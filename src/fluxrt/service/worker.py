@@ -132,7 +132,8 @@ class Worker:
             else:
                 from ..pipeline import Pipeline
 
-                self.pipe = Pipeline.load(self.config.model, device=self.config.device, dtype=self.config.dtype)
+                self.pipe = Pipeline.load(self.config.model, device=self.config.device, dtype=self.config.dtype,
+                                          step_cache=self.config.step_cache)  # fmt: skip
         if self.pipe.spec.name != self.spec.name:
             raise RuntimeError(f"the loaded model is {self.pipe.spec.name!r}, requests were validated for "
                                f"{self.spec.name!r}")  # fmt: skip
