@@ -51,6 +51,15 @@ def summary(values: list[float]) -> dict:
     return {"mean_db": statistics.mean(values), "median_db": statistics.median(values), "min_db": min(values)}
 
 
+def load_case(args):
+    """The pipeline of --model on --device, and the first --n shapes captions as samples (seeds 0..N-1) with the
+    model's default steps (or --steps) and guidance: (pipe, steps, guidance, prompts, samples)."""
+    pipe = Pipeline.load(args.model, device=args.device)
+    steps, guidance = args.steps or pipe.spec.default_steps, pipe.spec.default_guidance
+    prompts = [sample_captioned(i)[1] for i in range(args.n)]
+    return pipe, steps, guidance, prompts, [Sample(p, seed=i) for i, p in enumerate(prompts)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16)
@@ -60,10 +69,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="default: the embedded fluxrt-shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    pipe = Pipeline.load(args.model, device=args.device)
-    steps, guidance = args.steps or pipe.spec.default_steps, pipe.spec.default_guidance
-    prompts = [sample_captioned(i)[1] for i in range(args.n)]
-    samples = [Sample(p, seed=i) for i, p in enumerate(prompts)]
+    pipe, steps, guidance, prompts, samples = load_case(args)
     exact_model, images, seconds = pipe.transformer, {}, {}
     for name in ("exact", *VARIANTS):
         pipe.transformer = exact_model if name == "exact" else VARIANTS[name](copy.deepcopy(exact_model))

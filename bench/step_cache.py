@@ -21,12 +21,9 @@ import time
 
 import torch
 from common import write_json  # bench/ is on sys.path when run as a script
-from fp8_quality import psnr, summary
+from fp8_quality import load_case, psnr, summary
 
 from fluxrt.accel.cache import apply_step_cache, remove_step_cache
-from fluxrt.pipeline import Pipeline
-from fluxrt.request import Sample
-from fluxrt.world import sample_captioned
 
 
 def timed_images(pipe, samples, size: int, steps: int, guidance: float):
@@ -47,10 +44,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="default: the embedded fluxrt-shapes")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    pipe = Pipeline.load(args.model, device=args.device)
-    steps, guidance = args.steps or pipe.spec.default_steps, pipe.spec.default_guidance
-    prompts = [sample_captioned(i)[1] for i in range(args.n)]
-    samples = [Sample(p, seed=i) for i, p in enumerate(prompts)]
+    pipe, steps, guidance, prompts, samples = load_case(args)
     exact, first_s = timed_images(pipe, samples, args.size, steps, guidance)
     again, again_s = timed_images(pipe, samples, args.size, steps, guidance)  # the exact time, twice: its spread
     assert all(psnr(a, b) == float("inf") for a, b in zip(exact, again)), "the exact path is not deterministic"

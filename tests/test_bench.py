@@ -204,3 +204,17 @@ def test_parallel_bench_profiles_a_plan_with_its_collectives():
     assert prof["steps"] == 2 and prof["source"] == "cpu" and prof["wall_ms_per_step"] > 0
     assert prof["categories"]["collective"]["calls_per_step"] >= 2 * 2  # q,k,v and output, >= 2 blocks
     assert prof["categories"]["gemm"]["ms_per_step"] > 0
+
+
+def test_step_cache_bench_counts_skipped_steps_and_compares_images(tmp_path):
+    """bench/step_cache.py on the embedded model: a huge threshold skips every step after the first (2 of 3), and
+    the images it makes are not the exact ones."""
+    import step_cache
+
+    out = tmp_path / "sc.json"
+    step_cache.main(["--n", "2", "--size", "64", "--steps", "3", "--thresholds", "1e9", "--out", str(out)])
+    res = json.loads(out.read_text())
+    row = res["thresholds"]["1000000000.0"]
+    assert res["steps"] == 3 and len(res["exact_runs_s"]) == 2
+    assert row["skipped_fraction"] == pytest.approx(2 / 3) and row["identical_images"] == 0
+    assert len(row["per_image_db"]) == 2 and row["min_db"] < 60
