@@ -129,3 +129,18 @@ def test_kv_steps_always_run_every_block():
     plain = sample(model, noise, ctx, **kw)
     state = apply_step_cache(model, 1e9)
     assert torch.equal(sample(model, noise, ctx, **kw), plain) and state.skipped == 0 and state.steps == 3
+
+
+def test_streamed_blocks_with_the_cache_give_the_resident_cached_result():
+    """Block streaming (`--vram`/`--offload`) loads each block in its own pre-hook, so skipped blocks are simply not
+    loaded: the image is the one the resident model makes with the same cache."""
+    import copy
+
+    from fluxrt.memory import stream_blocks
+
+    model = tiny_flow(guidance_embed=True)
+    noise, ctx = _inputs(model.cfg)
+    streamed = stream_blocks(copy.deepcopy(model), "cpu", prefetch=1)
+    apply_step_cache(model, 1.0)
+    state = apply_step_cache(streamed, 1.0)
+    assert torch.equal(_sample(streamed, noise, ctx), _sample(model, noise, ctx)) and state.skipped > 0
