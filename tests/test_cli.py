@@ -195,7 +195,6 @@ BAD = [
     (["--device", "nonsense:7"], "nonsense:7"),
     (["--cache", "0"], "'0'"),
     (["--cache", "fast"], "'fast'"),
-    (["--cache", "0.1", "--gpus", "2"], "--cache does not run on several GPUs"),
 ]
 
 

@@ -144,3 +144,62 @@ def test_streamed_blocks_with_the_cache_give_the_resident_cached_result():
     apply_step_cache(model, 1.0)
     state = apply_step_cache(streamed, 1.0)
     assert torch.equal(_sample(streamed, noise, ctx), _sample(model, noise, ctx)) and state.skipped > 0
+
+
+def _parallel_cached(plan: str) -> tuple[torch.Tensor, int, int]:
+    """On each rank: the tiny model with the step cache under a parallel plan; rank 0's result is returned."""
+    from fluxrt.parallel import BatchParallel, make_mesh, parallelize
+
+    torch.set_num_threads(1)
+    model = tiny_flow(guidance_embed=plan != "batch2")
+    noise, ctx = _inputs(model.cfg)
+    state = apply_step_cache(model, 1.0)
+    if plan == "batch2":  # a CFG model: its two halves are one forward's two rows, one per rank
+        wrapped = BatchParallel(model)
+        out = sample(wrapped, noise, ctx, num_steps=STEPS, mode="cfg", guidance=4.0, neg_ctx=torch.zeros_like(ctx))
+    else:
+        wrapped = parallelize(model, make_mesh(*{"sp2": (2, 1), "tp2": (1, 2)}[plan]))
+        out = _sample(wrapped, noise, ctx)
+    assert getattr(wrapped, "step_cache", None) is state  # what Pipeline.run records
+    return out, state.steps, state.skipped
+
+
+@pytest.mark.parametrize("plan", ["sp2", "tp2", "batch2"])
+def test_parallel_ranks_skip_the_same_steps_as_one_process(plan):
+    """Each rank holds part of the tokens (SP) or rows (batch): they decide together, so the ranks skip exactly the
+    steps one process skips and the image matches it (fp32 tolerance of the parallel plans)."""
+    from fluxrt.parallel import spawn
+
+    out, steps, skipped = spawn(2, _parallel_cached, plan, start_method="fork", timeout_s=120)
+    model = tiny_flow(guidance_embed=plan != "batch2")
+    noise, ctx = _inputs(model.cfg)
+    state = apply_step_cache(model, 1.0)
+    if plan == "batch2":
+        ref = sample(model, noise, ctx, num_steps=STEPS, mode="cfg", guidance=4.0, neg_ctx=torch.zeros_like(ctx))
+    else:
+        ref = _sample(model, noise, ctx)
+    assert (steps, skipped) == (state.steps, state.skipped) and 0 < skipped < STEPS - 1
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def _decide(group_on: bool) -> list[bool]:
+    """Rank r's image rows: rank 0's changed by 1% since the last full step, rank 1's by 40%, rank 1's rows ten
+    times smaller, so together they changed by 4.5%."""
+    import torch.distributed as dist
+
+    from fluxrt.accel.cache import StepCache
+
+    rank = dist.get_rank()
+    prev = torch.full((1, 4, 8), 1.0 if rank == 0 else 0.1)
+    now = prev * (1.01 if rank == 0 else 1.4)
+    state = StepCache(0.1, residual=prev, group=dist.group.WORLD if group_on else None)
+    got = [state.reusable(now)]
+    dist.all_gather_object(out := [None, None], got[0])
+    return out
+
+
+def test_ranks_decide_from_the_sums_over_the_group():
+    from fluxrt.parallel import spawn
+
+    assert spawn(2, _decide, True, start_method="fork", timeout_s=60) == [True, True]  # 4.5% < 10% on both
+    assert spawn(2, _decide, False, start_method="fork", timeout_s=60) == [True, False]  # alone they disagree

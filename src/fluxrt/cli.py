@@ -297,9 +297,6 @@ def cmd_generate(args) -> int:
     from .parallel.generate import Launch
 
     launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
-    if launch.parallel and step_cache_from_args(args, record) is not None:
-        raise RequestError("--cache does not run on several GPUs yet (each rank would decide on its own shard; "
-                           "with --from: the image was made with a step cache); run on one GPU")  # fmt: skip
     pipe = None if launch.parallel else _load(ref, args, record)
     from .safety import guard_for
 

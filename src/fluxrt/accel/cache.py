@@ -13,8 +13,11 @@ runs in full, and since the comparison is always with the last full step the err
 Cost of a skipped step: one block of the model's 2 + 48 (dev) or so, plus one host sync for the decision.
 
 A new run is recognised by its timestep not decreasing (or a new shape), so `sample()` calls need no reset.
-The klein 9B KV forward (`kv=`) always runs in full. Under sequence parallelism each rank would decide on its own
-shard, so callers must not combine the two (the CLI refuses). `StepCache` counts steps and skipped steps.
+The klein 9B KV forward (`kv=`) always runs in full. Under a parallel wrapper each rank holds part of the tokens
+(sequence parallel) or rows (batch parallel): `share_step_cache(wrapper, model, group)`, called by the wrappers,
+makes the ranks decide together from the sums of both terms over the group (one all-reduce of two numbers per
+step), so they skip the same steps; zero-padded tokens of a sequence that the ranks do not divide evenly count in
+those sums. `StepCache` counts steps and skipped steps.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class StepCache:
     residual: torch.Tensor | None = None  # first block's change to the image stream at the last full step
     delta: torch.Tensor | None = None  # what the later blocks added to the image stream at that step
     last_t: float | None = None
+    group: object = None  # a process group whose ranks decide together (`share_step_cache`); None: alone
     steps: int = 0  # forwards seen (over every run since the counters were last cleared)
     skipped: int = 0  # of which ran only the first block
     handle: object = field(default=None, repr=False)
@@ -46,8 +50,12 @@ class StepCache:
         prev = self.residual
         if prev is None or prev.shape != residual.shape:
             return False
-        rel = (residual - prev).abs().float().mean() / prev.abs().float().mean().clamp_min(1e-12)
-        return rel.item() < self.threshold
+        sums = torch.stack([(residual - prev).abs().float().sum(), prev.abs().float().sum()])  # rel = their ratio
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums, group=self.group)
+        return (sums[0] / sums[1].clamp_min(1e-12)).item() < self.threshold
 
     def clear_counts(self) -> None:
         self.steps = self.skipped = 0
@@ -67,6 +75,15 @@ def apply_step_cache(model: nn.Module, threshold: float) -> StepCache:
     model.step_cache = state
     model.run_blocks = functools.partial(_run_blocks, model, state)  # an instance attribute: the class is unchanged
     return state
+
+
+def share_step_cache(wrapper: nn.Module, model: nn.Module, group) -> None:
+    """For a parallel wrapper of `model`: if `model` has a step cache, its ranks in `group` decide together, and the
+    wrapper exposes the cache state as `wrapper.step_cache` (what `Pipeline.run` records)."""
+    state = getattr(model, "step_cache", None)
+    if state is not None:
+        state.group = group
+        wrapper.step_cache = state
 
 
 def remove_step_cache(model: nn.Module) -> None:

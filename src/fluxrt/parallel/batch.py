@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..accel.cache import share_step_cache
+
 
 class BatchParallel(nn.Module):
     def __init__(self, model: nn.Module, group=None):
@@ -22,6 +24,7 @@ class BatchParallel(nn.Module):
         self.model = model
         self.group = group if group is not None else dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        share_step_cache(self, model, self.group)  # a step cache decides from every rank's rows
 
     @property
     def cfg(self):

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel.cache import share_step_cache
 from ..models.attention import apply_rope, attention, attention_backend, register_attention_backend
 from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
 
@@ -332,6 +333,7 @@ class SequenceParallel(nn.Module):
         if attention == "ulysses":
             check_divisible(local_heads(model), self.world, "Ulysses: attention heads per rank")
         self.overlapped = overlap_single_blocks(model) if overlap and attention == "ulysses" else 0
+        share_step_cache(self, model, self.group)  # a step cache decides from every rank's tokens
 
     @property
     def cfg(self):
