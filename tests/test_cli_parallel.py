@@ -134,3 +134,15 @@ def test_help_says_cpu_ranks_use_gloo(capsys):
     cli.main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--gpus N" in text and "N CPU processes over gloo" in text and "--parallel PLAN" in text
+
+
+def test_gpus_flag_with_the_step_cache_equals_single_process_with_it(tmp_path):
+    """`--cache 0.3 --gpus 2` (Ulysses): the ranks skip the steps one process skips, and the record says how many."""
+    from fluxrt.outputs import read_metadata
+
+    args = [PROMPT, *ARGS, "--steps", "8", "--cache", "0.3"]
+    assert cli.main(["generate", *args, "--out", str(tmp_path / "one.png")]) == 0
+    _fluxrt(*args, "--gpus", "2", "--parallel", "sp", "--out", str(tmp_path / "two.png"), cwd=tmp_path)
+    one, two = read_metadata(tmp_path / "one.png"), read_metadata(tmp_path / "two.png")
+    assert two["step_cache"] == 0.3 and two["step_cache_skipped"] == one["step_cache_skipped"] != "0/8"
+    _assert_same_image(tmp_path / "two.png", tmp_path / "one.png")
