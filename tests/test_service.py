@@ -492,3 +492,16 @@ def test_serve_cache_option_reaches_the_loaded_pipeline(tmp_path, monkeypatch):
     worker.config, worker.pipe, worker.spec = config, None, pipe.spec
     worker._load()
     assert seen["step_cache"] == 0.2 and worker.pipe is pipe
+
+
+def test_results_record_the_step_cache_and_its_skipped_steps(tmp_path):
+    """A service whose model runs with the step cache (`fluxrt serve --cache`) says so in every result's record."""
+    from fluxrt.pipeline import Pipeline
+
+    pipe = Pipeline.load(device="cpu", step_cache=1e9)  # its own copy: the shared pipeline stays exact
+    with TestClient(make_app(tmp_path, pipeline=pipe)) as c:
+        wait_ready(c)
+        job = wait_job(c, c.post("/v1/jobs", data={**JOB, "steps": "3"}).json()["id"])
+    assert job["status"] == "succeeded", job
+    record = read_metadata(tmp_path / "results" / job["id"] / "0.png")
+    assert record["step_cache"] == 1e9 and record["step_cache_skipped"] == "2/3"

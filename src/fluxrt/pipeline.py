@@ -335,8 +335,11 @@ class Pipeline:
                  callback: Callable | None = None, max_batch: int = MAX_BATCH) -> list[Image.Image]:  # fmt: skip
         """Images in the order of `samples`; samples are batched by reference layout, `max_batch` at a time.
 
-        callback(step, latent_tokens) runs after every Euler step of every batch.
+        callback(step, latent_tokens) runs after every Euler step of every batch. `run_info()` then describes
+        this call (the step cache's counts start afresh here).
         """
+        if self.step_cache is not None:
+            self.step_cache.clear_counts()
         out: list[Image.Image | None] = [None] * len(samples)
         for idx in batches(samples, max_batch):
             group = [samples[i] for i in idx]
@@ -357,9 +360,6 @@ class Pipeline:
             raise RequestError(f"request validated for {valid.spec_name!r}, this pipeline runs {self.spec.name!r}")
         samples = list(valid.samples)
         total = valid.steps * len(batches(samples, max_batch))
-        cache = getattr(self.transformer, "step_cache", None)
-        if cache is not None:
-            cache.clear_counts()
         done = [0]
 
         def step(i, _img):
@@ -368,12 +368,24 @@ class Pipeline:
 
         images = self.generate(samples, valid.width, valid.height, valid.steps, valid.guidance,
                                step if on_step else None, max_batch)  # fmt: skip
-        run_info = {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
-        if self.plan is not None and self.plan.quant:  # lossy: --from must know it
-            run_info["quant"] = self.plan.quant
-        if cache is not None:  # lossy too: the threshold, and how many of the run's forwards skipped later blocks
-            run_info |= {"step_cache": cache.threshold, "step_cache_skipped": f"{cache.skipped}/{cache.steps}"}
+        run_info = self.run_info()
         return [GenerationResult(im, {**valid.record(i), **run_info}) for i, im in enumerate(images)]
+
+    @property
+    def step_cache(self):
+        """The transformer's `fluxrt.accel.cache.StepCache` (also through a parallel wrapper), or None."""
+        return getattr(self.transformer, "step_cache", None)
+
+    def run_info(self) -> dict:
+        """How the last `generate` ran, for the records: dtype, device, and the lossy settings `--from` must
+        keep (quantization; the step cache's threshold and how many forwards skipped the later blocks)."""
+        info = {"dtype": str(self.dtype).removeprefix("torch."), "device": self.device.type}
+        if self.plan is not None and self.plan.quant:
+            info["quant"] = self.plan.quant
+        cache = self.step_cache
+        if cache is not None:
+            info |= {"step_cache": cache.threshold, "step_cache_skipped": f"{cache.skipped}/{cache.steps}"}
+        return info
 
 
 def _module_device(module, default: torch.device) -> torch.device:

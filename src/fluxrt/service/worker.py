@@ -290,7 +290,7 @@ class Worker:
         if images is None or time.time() > deadline:
             limit = float(job.params["timeout"])
             return self._fail(job, f"timeout: the job ran longer than its limit of {limit:g} s", "timeout")
-        run_info = {"dtype": str(self.pipe.dtype).removeprefix("torch."), "device": self.pipe.device.type}
+        run_info = self.pipe.run_info()  # the batch's: dtype, device, lossy settings (step cache and its counts)
         records = [{**valid.record(i), **run_info} for i in range(len(images))]
         finals = []
         for i, (im, rec) in enumerate(zip(images, records)):
