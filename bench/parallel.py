@@ -11,10 +11,11 @@ Plans (the product of the numbers must be the world size, except "1"):
   PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
-left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps, then one timed `sample()` of --steps steps (plan "1":
---base-steps if given, to spare device time on the slow baseline; compare s/step then) (bf16, --images
-images (default 1), 512 text tokens, guidance 4; the model's own mode: dev's guidance embedding, klein distilled,
-klein base real CFG with both halves batched into one forward). The weights are random (std 1/sqrt(fan_in)),
+left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
+then one timed `sample()` of --steps steps (plan "1": --base-steps if given, to spare device time on the slow
+baseline; compare s/step then) (bf16, --images images (default 1), 512 text tokens, guidance 4; the model's
+own mode: dev's guidance embedding, klein distilled, klein base real CFG with both halves batched into one
+forward). The weights are random (std 1/sqrt(fan_in)),
 built on the meta device and materialised per rank already sharded, so no rank ever holds more than its plan
 needs (with --fp8 and a TP plan, each rank builds the whole bf16 model, quantizes it and then shards it).
 A correctness check runs first for each plan: a shallow model of the same width (1 double + 2 single blocks,
@@ -55,7 +56,7 @@ from fluxrt.sampling.run import sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fill_random_  # noqa: E402  (per-tensor seeds: the same values on every rank)
-from profile_step import profile_events, summarize  # noqa: E402
+from profile_step import profile_events, summarize
 
 
 def parse_plan(name: str) -> tuple[int, int, str, int]:
@@ -131,15 +132,21 @@ def _peak_gib(device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1) -> dict:
+def sampler(model, cfg, size: int, device, mode: str = "embedded", images: int = 1):
+    """run(steps) -> the latent of one `sample()` of the benchmark's inputs (guidance 4, the model's mode)."""
     noise, ctx = inputs(cfg, size, device, images=images)
     kw = {"mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
-    sample(model, noise, ctx, num_steps=2, **kw)  # warm-up
+    return lambda steps: sample(model, noise, ctx, num_steps=steps, **kw)
+
+
+def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1) -> dict:
+    run = sampler(model, cfg, size, device, mode, images)
+    run(2)  # warm-up
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    out = sample(model, noise, ctx, num_steps=steps, **kw)
+    out = run(steps)
     _sync(device)
     total = time.perf_counter() - t0
     finite = bool(torch.isfinite(out).all())
@@ -151,9 +158,8 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
     """One `sample()` of `steps` steps under torch.profiler (after `timed`, so compiled and warm): this rank's
     kernel time per step by bin, the wall time per step, and the compute-idle time (wall minus every kernel but
     the collectives)."""
-    noise, ctx = inputs(cfg, size, device, images=images)
-    kw = {"mode": mode, "guidance": 4.0, "neg_ctx": torch.zeros_like(ctx) if mode == "cfg" else None}
-    source, records, wall = profile_events(lambda: sample(model, noise, ctx, num_steps=steps, **kw), device, 1)
+    run = sampler(model, cfg, size, device, mode, images)
+    source, records, wall = profile_events(lambda: run(steps), device, 1)
     summary = summarize(records, steps, top=12)
     compute = sum(c["ms_per_step"] for name, c in summary["categories"].items() if name != "collective")
     wall_ms = wall * 1e3 / steps

@@ -12,8 +12,8 @@ layers, then compiled; last, since it replaces the Linears in place). Between va
 dynamo's caches are dropped. Per variant: s/step (median of CUDA-event-timed steps after warm-up, the first
 call's wall time with the compile is first_call_s), then --profile-steps more steps under `torch.profiler`, whose
 device kernels are summed per step and binned by name (`classify`): gemm, attention, triton (inductor's fused
-kernels), elementwise (unfused ATen kernels, copies), collective (NCCL), other. Off CUDA (--dry-run) the bins hold the CPU ops'
-self times instead.
+kernels), elementwise (unfused ATen kernels, copies), collective (NCCL), other. Off CUDA (--dry-run) the bins
+hold the CPU ops' self times instead.
 
 Derived per variant: the step's FLOPs split into attention (4·N²·hidden per block, N = text + image tokens) and
 linear (`step_flops` minus attention), the TFLOP/s of the gemm and attention kernels over them, the ideal step at

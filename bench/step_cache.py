@@ -59,7 +59,8 @@ def main(argv=None):
         skipped = state.skipped / state.steps  # warm-up included: the same steps as every image
         remove_step_cache(pipe.transformer)
         values = [psnr(a, b) for a, b in zip(images, exact)]
-        row = {**summary(values), "identical_images": sum(v == float("inf") for v in values), "skipped_fraction": skipped, "seconds": seconds, "speedup": exact_s / seconds,
+        row = {**summary(values), "identical_images": sum(v == float("inf") for v in values),
+               "skipped_fraction": skipped, "seconds": seconds, "speedup": exact_s / seconds,
                "per_image_db": values}  # fmt: skip
         res["thresholds"][str(threshold)] = row
         print(f"threshold {threshold}: {100 * skipped:.0f}% of steps skipped, {seconds:.1f} s ({row['speedup']:.2f}x), "
