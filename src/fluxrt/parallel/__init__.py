@@ -27,13 +27,13 @@ from .tp import RowParallelLinear, apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, mesh: Mesh, attention: str = "ulysses", inner: str = "sdpa",
-                overlap: bool = False) -> nn.Module:  # fmt: skip
+                overlap: bool = False, transport="nccl") -> nn.Module:  # fmt: skip
     """Tensor parallel over mesh.tp_group (if tp > 1 and the model was not loaded sharded over it), then sequence
-    parallel over mesh.sp_group (if sp > 1; `overlap`: see `SequenceParallel`)."""
+    parallel over mesh.sp_group (if sp > 1; `overlap`, `transport`: see `SequenceParallel`)."""
     if mesh.tp > 1 and getattr(model, "tensor_parallel", 1) != mesh.tp:
         model = apply_tensor_parallel(model, mesh.tp_group)
     if mesh.sp > 1:
-        model = SequenceParallel(model, mesh.sp_group, attention, inner, overlap)
+        model = SequenceParallel(model, mesh.sp_group, attention, inner, overlap, transport)
     return model
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from ..accel.cache import share_step_cache
 from ..models.attention import apply_rope, attention, attention_backend, register_attention_backend
 from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
+from .copy_engine import CopyEngineExchange, make_exchange
 
 MODES = ("ulysses", "ring")
 
@@ -95,66 +96,72 @@ def gather_tokens(t: torch.Tensor, n_total: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=1)[:, :n_total]
 
 
-def _all_to_all(send: torch.Tensor, group) -> torch.Tensor:
+def _all_to_all(send: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """Start sending chunk i of dim 0 to rank i; chunk r of the result will hold rank r's. Returns at once: the
     result may only be read after `_wait`, and work issued in between runs while the data is in flight. The
     functional ops are called directly so that torch.compile keeps this order (the `funcol` wrappers wait at once
-    when traced)."""
+    when traced). `send` is contiguous: compiled, the permute that lays it out is fused into the kernel that
+    makes it, and the copy-engine transport (`exchange`) packs it with a plain device-to-device copy."""
+    if exchange is not None:
+        return exchange.start(send)
     split = [send.shape[0] // dist.get_world_size(group)] * dist.get_world_size(group)
     return torch.ops._c10d_functional.all_to_all_single(send, split, split, group.group_name)
 
 
-def _wait(t: torch.Tensor) -> torch.Tensor:
-    return torch.ops._c10d_functional.wait_tensor(t)
+def _wait(t: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
+    return exchange.wait(t) if exchange is not None else torch.ops._c10d_functional.wait_tensor(t)
 
 
-def seq_to_heads_start(x: torch.Tensor, group) -> torch.Tensor:
+def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(S, B, h, Ls, D) sequence shards -> all-to-all in flight; `seq_to_heads_finish` lays out what arrives."""
     n = dist.get_world_size(group)
     s, b, h, ls, d = x.shape
     send = x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, S, B, h/n, Ls, D)
-    return _all_to_all(send, group)
+    return _all_to_all(send, group, exchange)
 
 
-def seq_to_heads_finish(recv: torch.Tensor) -> torch.Tensor:
+def seq_to_heads_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(n, S, B, h/n, Ls, D), recv[r] = rank r's tokens of my heads -> (S, B, h/n, n*Ls, D)."""
-    recv = _wait(recv)
+    recv = _wait(recv, exchange)
     n, s, b, hl, ls, d = recv.shape
     return recv.permute(1, 2, 3, 0, 4, 5).reshape(s, b, hl, n * ls, d)
 
 
-def heads_to_seq_start(x: torch.Tensor, group) -> torch.Tensor:
+def heads_to_seq_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(B, h/n, n*Ls, D) head shards -> all-to-all in flight; `heads_to_seq_finish` lays out what arrives."""
     n = dist.get_world_size(group)
     b, hl, length, d = x.shape
-    return _all_to_all(x.reshape(b, hl, n, length // n, d).permute(2, 0, 1, 3, 4).contiguous(), group)
+    return _all_to_all(x.reshape(b, hl, n, length // n, d).permute(2, 0, 1, 3, 4).contiguous(), group, exchange)
 
 
-def heads_to_seq_finish(recv: torch.Tensor) -> torch.Tensor:
+def heads_to_seq_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(n, B, h/n, Ls, D), recv[r] = my tokens of rank r's heads -> (B, h, Ls, D)."""
-    recv = _wait(recv)
+    recv = _wait(recv, exchange)
     n, b, hl, ls, d = recv.shape
     return recv.transpose(0, 1).reshape(b, n * hl, ls, d)
 
 
-def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+def heads_to_seq(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(B, h/n, n*Ls, D) head shards -> (B, h, Ls, D) sequence shards; the inverse of `seq_to_heads_*`."""
-    return heads_to_seq_finish(heads_to_seq_start(x, group))
+    return heads_to_seq_finish(heads_to_seq_start(x, group, exchange), exchange)
 
 
-def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_index=None) -> torch.Tensor:
+def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_index=None,
+                      exchange: CopyEngineExchange | None = None) -> torch.Tensor:  # fmt: skip
     """(B, h, Ls, D) local q, k, v -> (B, h, Ls, D): all-to-all to head shards, full attention, all-to-all back.
 
     The local attention runs with the backend `inner`; padded keys are dropped before it (exact, no mask).
+    `exchange`: the copy-engine transport (`copy_engine.CopyEngineExchange`); None: NCCL.
     """
-    heads = seq_to_heads_start(torch.stack([q, k, v]), group)
-    return heads_to_seq(ulysses_local(heads, layout, inner, key_index), group)
+    heads = seq_to_heads_start(torch.stack([q, k, v]), group, exchange)
+    return heads_to_seq(ulysses_local(heads, layout, inner, key_index, exchange), group, exchange)
 
 
-def ulysses_local(heads: torch.Tensor, layout: Layout, inner: str, key_index=None) -> torch.Tensor:
+def ulysses_local(heads: torch.Tensor, layout: Layout, inner: str, key_index=None,
+                  exchange: CopyEngineExchange | None = None) -> torch.Tensor:  # fmt: skip
     """What arrived from `seq_to_heads_start` of stacked q, k, v -> this rank's heads' attention output
     (B, h/n, n*Ls, D), ready for `heads_to_seq`."""
-    q, k, v = seq_to_heads_finish(heads).unbind(0)  # each (B, h/n, n*Ls, D)
+    q, k, v = seq_to_heads_finish(heads, exchange).unbind(0)  # each (B, h/n, n*Ls, D)
     if layout.padded:
         idx = layout.key_index(q.device) if key_index is None else key_index
         k, v = k.index_select(2, idx), v.index_select(2, idx)
@@ -227,6 +234,7 @@ class _Call:
     mode: str
     inner: str
     key_index: torch.Tensor | None = None  # Ulysses' valid keys, made outside compiled blocks (an lru_cache)
+    exchange: CopyEngineExchange | None = None  # Ulysses' transport: None = NCCL
 
 
 _CALLS: list[_Call] = []  # the sharded forward in progress (a stack, so nested wrappers would also work)
@@ -244,7 +252,7 @@ def _sp_backend(q, k, v) -> torch.Tensor:
         )
     if c.mode == "ring":
         return ring_attention(q, k, v, c.layout, c.group)
-    return ulysses_attention(q, k, v, c.layout, c.group, c.inner, c.key_index)
+    return ulysses_attention(q, k, v, c.layout, c.group, c.inner, c.key_index, c.exchange)
 
 
 register_attention_backend("sequence-parallel", _sp_backend)
@@ -283,11 +291,12 @@ class OverlappedSingleBlock(SingleStreamBlock):
         h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
         q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
         q, k = self.norm(q, k, v)
-        heads = seq_to_heads_start(torch.stack([apply_rope(q, pe), apply_rope(k, pe), v]), c.group)
+        ex = c.exchange
+        heads = seq_to_heads_start(torch.stack([apply_rope(q, pe), apply_rope(k, pe), v]), c.group, ex)
         mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
-        back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index), c.group)
+        back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index, ex), c.group, ex)
         y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight
-        attn = heads_to_seq_finish(back).transpose(1, 2).flatten(2)  # (B, Ls, H)
+        attn = heads_to_seq_finish(back, ex).transpose(1, 2).flatten(2)  # (B, Ls, H)
         return x + gate * (F.linear(attn, w2[:, :hid]) + y)
 
 
@@ -318,21 +327,26 @@ class SequenceParallel(nn.Module):
     "ring" (K/V passed around the ring; any head count, less memory per rank for very long sequences).
     inner: the attention backend Ulysses uses for its local full attention ("sdpa", "math", or a registered one).
     overlap: Ulysses only; the single blocks compute their MLP products while their all-to-alls are in flight
-    (`OverlappedSingleBlock`; apply before compiling). Every rank passes the same full inputs and gets the same
-    full (B, L_img, 128) output.
+    (`OverlappedSingleBlock`; apply before compiling). transport: how Ulysses' all-to-alls move data, "nccl"
+    (NCCL's kernels) or "copy-engine" (`copy_engine.CopyEngineExchange`: symmetric memory and copy engines, CUDA,
+    compile with fullgraph=False). Every rank passes the same full inputs and gets the same full (B, L_img, 128)
+    output.
     """
 
     def __init__(self, model: nn.Module, group=None, attention: str = "ulysses", inner: str = "sdpa",
-                 overlap: bool = False):  # fmt: skip
+                 overlap: bool = False, transport="nccl"):  # fmt: skip
         super().__init__()
         if attention not in MODES:
             raise ValueError(f"unknown sequence-parallel attention {attention!r}; known: {', '.join(MODES)}")
+        if attention != "ulysses" and transport != "nccl":
+            raise ValueError(f"transport {transport!r} carries Ulysses' all-to-alls; {attention} attention has none")
         self.model, self.mode, self.inner = model, attention, inner
         self.group = group if group is not None else dist.group.WORLD
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if attention == "ulysses":
             check_divisible(local_heads(model), self.world, "Ulysses: attention heads per rank")
         self.overlapped = overlap_single_blocks(model) if overlap and attention == "ulysses" else 0
+        self.exchange = make_exchange(transport, self.group)
         share_step_cache(self, model, self.group)  # a step cache decides from every rank's tokens
 
     @property
@@ -346,7 +360,7 @@ class SequenceParallel(nn.Module):
         layout = Layout(ctx.shape[1], x.shape[1], self.world)
         x, x_ids, ctx, ctx_ids = (shard_tokens(t, self.rank, self.world) for t in (x, x_ids, ctx, ctx_ids))
         keys = layout.key_index(x.device) if layout.padded and self.mode == "ulysses" else None
-        with _installed(_Call(layout, self.group, self.mode, self.inner, keys)):
+        with _installed(_Call(layout, self.group, self.mode, self.inner, keys, self.exchange)):
             out = self.model(x, x_ids, timesteps, ctx, ctx_ids, guidance=guidance)  # (B, pi, 128)
         return gather_tokens(out, layout.n_img, self.group)
 

@@ -1,0 +1,175 @@
+"""All-to-all on the GPUs' copy engines, through symmetric memory: Ulysses' head exchange without NCCL kernels.
+
+NCCL's all-to-all runs as kernels on the SMs; overlapped with the single blocks' MLP products (`--overlap`) it
+slowed them by about what it hid (docs/PARALLEL.md). Here every rank writes what it sends into a buffer that every
+rank of the group can read (PyTorch's symmetric memory: peer-to-peer mappings over NVLink, no multicast), and then
+pulls its own chunk from each peer with plain device-to-device copies, which the GPU runs on its copy engines:
+no SM is taken from the matmuls running beside them. One barrier (a tiny kernel) per exchange: every buffer is
+packed before anyone reads it; two buffers per shape, used in turn, keep a buffer from being packed again before
+every peer has read it.
+
+    ex = CopyEngineExchange(group)
+    out = ex.start(send)   # send (n, ...): chunk i goes to rank i
+    ...                    # work issued here runs while the copies are in flight
+    out = ex.wait(out)     # out (n, ...) contiguous: out[r] is what rank r sent to this rank
+
+Both calls are opaque to torch.compile (graph breaks): compile with fullgraph=False, as `fluxrt generate --gpus`
+does. The buffers are allocated at the first exchange of each size (a collective: every rank exchanges the same
+sizes in the same order, as Ulysses does) and kept. CUDA only; `EmulatedBuffer` stands in for symmetric memory
+on the CPU (gloo) so that the tests run the same packing and chunk order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+TRANSPORTS = ("nccl", "copy-engine")
+
+
+class SymmetricBuffer:
+    """A flat buffer of `numel` elements on every rank of `group`, each rank's readable by all (CUDA)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.numel, self.dtype = numel, dtype
+        self.local = symm_mem.empty(numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.local, group.group_name)
+
+    def remote(self, src: int) -> torch.Tensor:
+        """Rank `src`'s buffer, mapped into this process (reads go over NVLink)."""
+        return self.handle.get_buffer(src, (self.numel,), self.dtype)
+
+    def barrier(self) -> None:
+        """A kernel on the current stream that returns once every rank's stream has reached its own."""
+        self.handle.barrier(channel=0)
+
+
+class EmulatedBuffer:
+    """The CPU stand-in for `SymmetricBuffer` (tests): `remote(src)` is a copy of rank `src`'s buffer, refreshed
+    at each barrier (an all-gather)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group):
+        self.group, self.local = group, torch.empty(numel, dtype=dtype, device=device)
+        self._seen = [torch.empty_like(self.local) for _ in range(dist.get_world_size(group))]
+
+    def remote(self, src: int) -> torch.Tensor:
+        return self._seen[src]
+
+    def barrier(self) -> None:
+        dist.all_gather(self._seen, self.local, group=self.group)
+
+
+class _Slot:
+    """The two buffers exchanges of one shape alternate between, with their views made once: this rank's packed
+    send, and per source rank the chunk of its buffer meant for this rank."""
+
+    def __init__(self, make, shape: torch.Size, rank: int, n: int):
+        self.buffers = [make(), make()]
+        self.local = [b.local.view(shape) for b in self.buffers]
+        self.remote = [[b.remote(src).view(shape)[rank] for src in range(n)] for b in self.buffers]
+        self.turn = 0
+        self.last = None  # the event that ends the latest exchange of this shape (CUDA)
+
+
+class CopyEngineExchange:
+    """All-to-all over `group` by pulls from symmetric memory (see the module's docstring).
+
+    buffer: the buffer class (default `SymmetricBuffer`, which needs CUDA; `EmulatedBuffer` on the CPU).
+    One barrier per exchange: exchanges of the same shape alternate between two buffers, and a rank packs buffer
+    i again (two exchanges later) only after the exchange in between has passed its barrier on every rank, which
+    each rank reaches after its pulls from buffer i.
+    """
+
+    def __init__(self, group=None, buffer=None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        self.buffer = buffer
+        self._slots: dict[tuple, _Slot] = {}
+        self._streams: list | None = None
+        self._pending: dict[int, tuple] = {}  # id(out) -> (out, event) until `wait`
+
+    def _slot(self, send: torch.Tensor) -> _Slot:
+        key = (tuple(send.shape), send.dtype, send.device)
+        if key not in self._slots:
+            cls = self.buffer
+            if cls is None:
+                if send.device.type != "cuda":
+                    raise ValueError(
+                        f"the copy-engine transport needs CUDA tensors (symmetric memory); got {send.device}"
+                    )
+                cls = SymmetricBuffer
+
+            def make():
+                return cls(send.numel(), send.dtype, send.device, self.group)
+
+            self._slots[key] = _Slot(make, send.shape, self.rank, self.n)
+        return self._slots[key]
+
+    @torch.compiler.disable
+    def start(self, send: torch.Tensor) -> torch.Tensor:
+        """(n, ...) send -> (n, ...) receive buffer, filled asynchronously; read it only through `wait`."""
+        if send.shape[0] != self.n:
+            raise ValueError(f"all-to-all over {self.n} ranks needs dim 0 of size {self.n}, got {tuple(send.shape)}")
+        slot = self._slot(send)
+        turn, slot.turn = slot.turn, 1 - slot.turn
+        local, remote = slot.local[turn], slot.remote[turn]
+        cuda = send.device.type == "cuda"
+        if cuda and self._streams is None:  # one per peer, so that the pulls from different peers run at once
+            # highest priority: the barrier kernel is scheduled before the matmul launched beside it, which would
+            # otherwise hold every SM until it ends and so delay the pulls until after it
+            self._streams = [torch.cuda.Stream(device=send.device, priority=-1) for _ in range(self.n)]
+        main = torch.cuda.current_stream() if cuda else None
+        if slot.last is not None:
+            main.wait_event(slot.last)  # the exchange before this one passed its barrier: this buffer is free
+        local.copy_(send)  # pack (contiguous: a device-to-device copy, on the current stream)
+        out = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+        out[self.rank].copy_(local[self.rank])
+        streams = self._streams if cuda else [None] * self.n
+        fence = streams[0]
+        _follow(fence, main)
+        with _on(fence):
+            slot.buffers[turn].barrier()  # every rank has packed
+        for i in range(1, self.n):
+            src, stream = (self.rank + i) % self.n, streams[i]
+            _follow(stream, fence)
+            with _on(stream):
+                out[src].copy_(remote[src])  # device-to-device from a peer's memory: a copy engine
+            _follow(fence, stream)
+        if cuda:
+            slot.last = fence.record_event()
+            self._pending[id(out)] = (out, slot.last)
+        return out
+
+    @torch.compiler.disable
+    def wait(self, out: torch.Tensor) -> torch.Tensor:
+        """Make the current stream wait for the exchange that fills `out`; returns `out`."""
+        entry = self._pending.pop(id(out), None)
+        if entry is not None:
+            torch.cuda.current_stream().wait_event(entry[1])
+        return out
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _follow(stream, other) -> None:
+    """Make `stream` wait for the work queued so far on `other` (no-op on the CPU)."""
+    if stream is not None:
+        stream.wait_stream(other)
+
+
+def make_exchange(transport, group):
+    """Transport name -> exchange: "nccl" -> None (functional collectives), "copy-engine" -> a
+    `CopyEngineExchange`; an exchange is returned as it is."""
+    if transport is None or transport == "nccl":
+        return None
+    if transport == "copy-engine":
+        return CopyEngineExchange(group)
+    if isinstance(transport, CopyEngineExchange):
+        return transport
+    raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")

@@ -1,0 +1,93 @@
+"""The copy-engine transport's exchange (`fluxrt.parallel.copy_engine`) on the CPU: symmetric memory emulated over
+gloo (`EmulatedBuffer`), so the packing, the chunk order and the Ulysses wiring run as they do on GPUs (the
+copies on copy engines and the barriers are CUDA-only and measured by bench/parallel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_flow
+from test_parallel import TOL, _inputs, _max_over_ranks, _run
+
+from fluxrt.parallel import SequenceParallel, make_mesh, parallelize
+from fluxrt.parallel.copy_engine import CopyEngineExchange, EmulatedBuffer, make_exchange
+
+
+def _exchange_worker(strided: bool) -> list[list[float]]:
+    """Rank r sends chunk i = [100 r + i, ...] to rank i, three times (the two buffers taken in turn, the first
+    reused); returns what arrived."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    ex = CopyEngineExchange(buffer=EmulatedBuffer)
+    got = []
+    for rep in range(3):
+        send = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * r + 1000 * rep
+        if strided:  # a transposed view, as Ulysses passes its permuted heads
+            send = send.t().contiguous().t()
+        out = ex.wait(ex.start(send))
+        got.append(out[:, 0].tolist())
+    return got
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_exchange_is_an_all_to_all(n, strided):
+    got = spawn_results(n, _exchange_worker, strided)
+    for r, runs in enumerate(got):
+        for rep, firsts in enumerate(runs):
+            # out[src] on rank r is chunk r of rank src: its first element 100 src + 3 r + 1000 rep
+            assert firsts == [100 * src + 3 * r + 1000 * rep for src in range(n)]
+
+
+def _gather(fn, *args) -> list:
+    res = [None] * dist.get_world_size()
+    dist.all_gather_object(res, fn(*args))
+    return res
+
+
+def spawn_results(n, fn, *args):
+    """Every rank's return value (spawn returns rank 0's): gathered with all_gather_object in the worker."""
+    return _run(n, _gather, fn, *args)
+
+
+def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool) -> float:
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
+    with torch.no_grad():
+        ref = model(*inputs[:5], guidance=inputs[5])
+        mesh = make_mesh(sp, tp)
+        par = parallelize(model, mesh, "ulysses", overlap=overlap,
+                          transport=CopyEngineExchange(mesh.sp_group, buffer=EmulatedBuffer))  # fmt: skip
+        out = par(*inputs[:5], guidance=inputs[5])
+        assert par.exchange is not None and not par.exchange._pending  # every exchange waited on
+    return _max_over_ranks((out - ref).abs().max().item())
+
+
+@pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+@pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_ulysses_over_copy_engine_transport_equals_single_process(n, sp, tp, overlap, refs):
+    assert _run(n, _ulysses_worker, sp, tp, overlap, refs) < TOL
+
+
+def _errors_worker() -> list[str]:
+    model = tiny_flow(guidance_embed=True)
+    msgs = []
+    for kwargs in ({"attention": "ring", "transport": "copy-engine"}, {"transport": "carrier-pigeon"}):
+        try:
+            SequenceParallel(model, **kwargs)
+        except ValueError as e:
+            msgs.append(str(e))
+    try:  # the real transport on CPU tensors: refused with the device named, before any buffer exists
+        make_exchange("copy-engine", None).start(torch.zeros(dist.get_world_size(), 2))
+    except ValueError as e:
+        msgs.append(str(e))
+    return msgs
+
+
+def test_bad_transport_choices_are_refused_with_the_value():
+    msgs = _run(2, _errors_worker)
+    assert len(msgs) == 3, msgs
+    assert "'copy-engine'" in msgs[0] and "ring" in msgs[0]
+    assert "'carrier-pigeon'" in msgs[1] and "copy-engine" in msgs[1]
+    assert "CUDA" in msgs[2] and "cpu" in msgs[2]
