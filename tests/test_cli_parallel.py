@@ -123,6 +123,8 @@ def test_plan_choice():
         (["--gpus", "2", "--parallel", "batch"], "--num-images 1 runs a forward of 1 row"),
         (["--gpus", "2", "--parallel", "tp", "--overlap"], "plan tp2 has none"),
         (["--gpus", "2", "--parallel", "ring", "--overlap"], "plan ring2 has none"),
+        (["--gpus", "2", "--parallel", "ring", "--transport", "copy-engine"], "plan ring2 has none"),
+        (["--gpus", "2", "--device", "cpu", "--transport", "copy-engine"], "needs CUDA GPUs (symmetric memory); this run's ranks are on cpu"),
     ],
 )
 def test_bad_parallel_options_fail_before_loading(argv, message, tmp_path, capsys):
