@@ -9,6 +9,7 @@ Plans (the product of the numbers must be the world size, except "1"):
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
   PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
+  PLAN:ce        a Ulysses plan with `--transport copy-engine` (all-to-alls on copy engines); sp4:overlap:ce both
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -67,7 +68,7 @@ def parse_plan(name: str) -> tuple[int, int, str, int]:
 
 
 def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False,
-          overlap: bool = False) -> torch.nn.Module:  # fmt: skip
+          overlap: bool = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
     `fluxrt generate --quant fp8 --compile [--overlap]` does, fp8 linears, the sequence-parallel wrapper and
     compiled blocks (ring's send/recv as graph breaks)."""
@@ -83,7 +84,7 @@ def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile:
             apply_tensor_parallel(model, mesh.tp_group)
     wrapped = model
     if mesh is not None and mesh.sp > 1:  # before compiling: overlapped blocks compile with their own options
-        wrapped = SequenceParallel(model, mesh.sp_group, attn, overlap=overlap)
+        wrapped = SequenceParallel(model, mesh.sp_group, attn, overlap=overlap, transport=transport)
     if compile:
         compile_transformer(model, fullgraph=mesh is None)
     return wrapped
@@ -97,7 +98,8 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 
 @torch.no_grad()
-def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False) -> dict:
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False,
+          transport: str = "nccl") -> dict:  # fmt: skip
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
     same weights in one process (bf16)."""
     if mesh is None and batch == 1:
@@ -110,7 +112,8 @@ def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, 
             text_ids(ctx.shape[1], device)[None])  # fmt: skip
     g = torch.full((batch,), 4.0, device=device) if small.use_guidance_embed else None
     ref = model(*args, guidance=g)
-    out = (BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap))(*args, guidance=g)
+    par = BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap, transport=transport)
+    out = par(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
     return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
 
@@ -169,19 +172,21 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
              mode: str = "embedded", images: int = 1, profile_steps: int = 0) -> dict | None:  # fmt: skip
-    base, _, variant = name.partition(":")
-    if variant not in ("", "overlap"):
-        raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap (e.g. sp4:overlap)")
+    base, *variants = name.split(":")
+    for variant in variants:
+        if variant not in ("overlap", "ce"):
+            raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap, ce (e.g. sp4:overlap)")
+    overlap, transport = "overlap" in variants, "copy-engine" if "ce" in variants else "nccl"
     sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch
     if gpus not in (1, info.world_size):
         raise ValueError(f"plan {name} needs {gpus} ranks, the job has {info.world_size}")
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
-           "mode": mode, "images": images}  # fmt: skip
+           "mode": mode, "images": images, "transport": transport if sp > 1 else None}  # fmt: skip
     if gpus > 1 or info.rank == 0:
-        res |= check(cfg, size, mesh, attn, info.device, batch, overlap=variant == "overlap")
-        model = build(cfg, mesh, attn, info.device, fp8, compile, overlap=variant == "overlap")
+        res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport)
+        model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport)
         model = BatchParallel(model) if batch > 1 else model
         res |= timed(model, cfg, size, steps, info.device, mode, images)
         if profile_steps:

@@ -206,6 +206,17 @@ def test_parallel_bench_profiles_a_plan_with_its_collectives():
     assert prof["categories"]["gemm"]["ms_per_step"] > 0
 
 
+def test_parallel_bench_refuses_unknown_plan_variants_with_the_known_ones():
+    import parallel as parallel_bench
+
+    from fluxrt.config import TINY
+    from fluxrt.parallel import DistInfo
+
+    info = DistInfo(0, 2, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown plan variant 'fast' in 'sp2:ce:fast'; known: overlap, ce"):
+        parallel_bench.run_plan("sp2:ce:fast", TINY.transformer, 32, 1, info)
+
+
 def test_step_cache_bench_counts_skipped_steps_and_compares_images(tmp_path):
     """bench/step_cache.py on the embedded model: a huge threshold skips every step after the first (2 of 3), and
     the images it makes are not the exact ones."""
