@@ -140,7 +140,10 @@ class CUDAGraphStep(nn.Module):
             out = self.model(*static)
         return graph, static, out
 
-    def forward(self, *args: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor | None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's positional arguments; `guidance` may also come by keyword, as samplers pass it."""
+        if guidance is not None:
+            args = (*args, guidance)
         key = self._signature(args)
         if key not in self._graphs:
             self._graphs[key] = self._capture(args)

@@ -22,6 +22,7 @@ on the CPU (gloo) so that the tests run the same packing and chunk order.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -72,7 +73,7 @@ class _Slot:
         self.local = [b.local.view(shape) for b in self.buffers]
         self.remote = [[b.remote(src).view(shape)[rank] for src in range(n)] for b in self.buffers]
         self.turn = 0
-        self.last = None  # the event that ends the latest exchange of this shape (CUDA)
+        self.last = None  # (event, recorded in a CUDA graph capture) ending the latest exchange of this shape
 
 
 class CopyEngineExchange:
@@ -89,25 +90,35 @@ class CopyEngineExchange:
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.buffer = buffer
         self._slots: dict[tuple, _Slot] = {}
+        self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
         self._pending: dict[int, tuple] = {}  # id(out) -> (out, event) until `wait`
 
     def _slot(self, send: torch.Tensor) -> _Slot:
         key = (tuple(send.shape), send.dtype, send.device)
         if key not in self._slots:
-            cls = self.buffer
-            if cls is None:
-                if send.device.type != "cuda":
-                    raise ValueError(
-                        f"the copy-engine transport needs CUDA tensors (symmetric memory); got {send.device}"
-                    )
-                cls = SymmetricBuffer
-
-            def make():
-                return cls(send.numel(), send.dtype, send.device, self.group)
-
+            make = functools.partial(self._make, send.numel(), send.dtype, send.device)
             self._slots[key] = _Slot(make, send.shape, self.rank, self.n)
         return self._slots[key]
+
+    @torch.compiler.disable
+    def begin(self, device: torch.device) -> None:
+        """A barrier on the current stream, to call before a forward's exchanges: every rank has finished the
+        exchanges before it (each waited for its pulls), so no buffer is still being read whichever of its two
+        buffers a shape starts with. Needed under CUDA graphs, whose replays repeat one capture's buffer order
+        (an odd number of exchanges of a shape per forward would otherwise reuse a buffer back to back)."""
+        device = torch.device(device)
+        if device not in self._fences:
+            self._fences[device] = self._make(1, torch.float32, device)
+        self._fences[device].barrier()
+
+    def _make(self, numel: int, dtype: torch.dtype, device: torch.device):
+        cls = self.buffer
+        if cls is None:
+            if device.type != "cuda":
+                raise ValueError(f"the copy-engine transport needs CUDA tensors (symmetric memory); got {device}")
+            cls = SymmetricBuffer
+        return cls(numel, dtype, device, self.group)
 
     @torch.compiler.disable
     def start(self, send: torch.Tensor) -> torch.Tensor:
@@ -123,8 +134,9 @@ class CopyEngineExchange:
             # otherwise hold every SM until it ends and so delay the pulls until after it
             self._streams = [torch.cuda.Stream(device=send.device, priority=-1) for _ in range(self.n)]
         main = torch.cuda.current_stream() if cuda else None
-        if slot.last is not None:
-            main.wait_event(slot.last)  # the exchange before this one passed its barrier: this buffer is free
+        capturing = cuda and torch.cuda.is_current_stream_capturing()
+        if slot.last is not None and slot.last[1] == capturing:  # (an event from before a CUDA graph capture
+            main.wait_event(slot.last[0])  # cannot be waited on inside it; what it guards came before the graph)
         local.copy_(send)  # pack (contiguous: a device-to-device copy, on the current stream)
         out = torch.empty(send.shape, dtype=send.dtype, device=send.device)
         out[self.rank].copy_(local[self.rank])
@@ -139,9 +151,9 @@ class CopyEngineExchange:
             with _on(stream):
                 out[src].copy_(remote[src])  # device-to-device from a peer's memory: a copy engine
             _follow(fence, stream)
-        if cuda:
-            slot.last = fence.record_event()
-            self._pending[id(out)] = (out, slot.last)
+        if cuda:  # the exchange before this one passed its barrier: the next one may pack this buffer
+            slot.last = (fence.record_event(), capturing)
+            self._pending[id(out)] = (out, slot.last[0])
         return out
 
     @torch.compiler.disable

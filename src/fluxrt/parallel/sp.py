@@ -360,6 +360,8 @@ class SequenceParallel(nn.Module):
         layout = Layout(ctx.shape[1], x.shape[1], self.world)
         x, x_ids, ctx, ctx_ids = (shard_tokens(t, self.rank, self.world) for t in (x, x_ids, ctx, ctx_ids))
         keys = layout.key_index(x.device) if layout.padded and self.mode == "ulysses" else None
+        if self.exchange is not None:
+            self.exchange.begin(x.device)
         with _installed(_Call(layout, self.group, self.mode, self.inner, keys, self.exchange)):
             out = self.model(x, x_ids, timesteps, ctx, ctx_ids, guidance=guidance)  # (B, pi, 128)
         return gather_tokens(out, layout.n_img, self.group)
