@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fluxrt.accel import compile_transformer
+from fluxrt.accel import CUDAGraphStep, compile_transformer
 from fluxrt.config import get_preset
 from fluxrt.models.transformer import Flux2
 from fluxrt.parallel import (BatchParallel, Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env,
@@ -106,16 +106,33 @@ def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, 
         return {}
     small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
     model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
-    noise, ctx = inputs(small, size, device, images=batch)
-    x = noise.flatten(2).transpose(1, 2)
-    args = (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((batch,), 0.5, device=device), ctx,
-            text_ids(ctx.shape[1], device)[None])  # fmt: skip
-    g = torch.full((batch,), 4.0, device=device) if small.use_guidance_embed else None
+    *args, g = forward_args(small, size, device, batch)
     ref = model(*args, guidance=g)
     par = BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap, transport=transport)
     out = par(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
     return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
+
+
+def forward_args(cfg, size: int, device, batch: int = 1) -> tuple:
+    """One forward's (x, x_ids, timesteps, ctx, ctx_ids, guidance) at t = 0.5 from the benchmark's inputs."""
+    noise, ctx = inputs(cfg, size, device, images=batch)
+    x = noise.flatten(2).transpose(1, 2)
+    g = torch.full((batch,), 4.0, device=device) if cfg.use_guidance_embed else None
+    return (x, grid_ids(size // 16, size // 16, device=device)[None], torch.full((batch,), 0.5, device=device), ctx,
+            text_ids(ctx.shape[1], device)[None], g)  # fmt: skip
+
+
+@torch.no_grad()
+def graph_check(model, graphed, cfg, size: int, device, batch: int = 1) -> dict:
+    """The CUDA graph's forward against the same model without it, on the benchmark's inputs (two replays with
+    different inputs first, so that the compared one follows its inputs)."""
+    *args, g = forward_args(cfg, size, device, batch)
+    for scale in (0.5, 2.0):
+        graphed(args[0] * scale, *args[1:], guidance=g)
+    out, ref = graphed(*args, guidance=g), model(*args, guidance=g)
+    return {"graph_max_abs_diff": _all_max((out.float() - ref.float()).abs().max().item(), device),
+            "graph_ref_max_abs": ref.float().abs().max().item()}  # fmt: skip
 
 
 def _all_max(v: float, device) -> float:
@@ -171,7 +188,8 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
-             mode: str = "embedded", images: int = 1, profile_steps: int = 0) -> dict | None:  # fmt: skip
+             mode: str = "embedded", images: int = 1, profile_steps: int = 0,
+             cuda_graph: bool = False) -> dict | None:  # fmt: skip
     base, *variants = name.split(":")
     for variant in variants:
         if variant not in ("overlap", "ce"):
@@ -188,6 +206,9 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
         res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport)
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport)
         model = BatchParallel(model) if batch > 1 else model
+        if cuda_graph:  # the whole forward captured once (after compiling, on its first call) and replayed
+            plain, model = model, CUDAGraphStep(model)
+            res |= {"cuda_graph": True} | graph_check(plain, model, cfg, size, info.device, images)
         res |= timed(model, cfg, size, steps, info.device, mode, images)
         if profile_steps:
             res |= profiled(model, cfg, size, profile_steps, info.device, mode, images)
@@ -212,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; TP shards them after)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
     ap.add_argument("--images", type=int, default=1, help="images per sample() (a batch plan splits them)")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay each plan's forward as one CUDA graph "
+                    "(`CUDAGraphStep`, after compiling; collectives and copy-engine exchanges captured)")  # fmt: skip
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "parallel.json"))
     args = ap.parse_args(argv)
     info = init_from_env()
@@ -223,7 +246,7 @@ def main(argv=None):
         for name in args.plans:
             steps = args.base_steps if name == "1" and args.base_steps else args.steps
             res = run_plan(name, cfg, size, steps, info, args.fp8, args.compile, spec.guidance_mode, args.images,
-                           args.profile_steps)  # fmt: skip
+                           args.profile_steps, args.cuda_graph)  # fmt: skip
             if dist.is_initialized():
                 dist.barrier()
             if info.rank == 0:
@@ -245,7 +268,7 @@ def run_info(device, args) -> dict:
         "torch": torch.__version__, "python": platform.python_version(),
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "nccl_env": nccl_env(),
-        "date": datetime.date.today().isoformat(), "impl": f"fluxrt {'compiled' if args.compile else 'eager'} {'fp8' if args.fp8 else 'bf16'} (SDPA local attention)",
+        "date": datetime.date.today().isoformat(), "impl": f"fluxrt {'compiled' if args.compile else 'eager'} {'fp8' if args.fp8 else 'bf16'} (SDPA local attention){' CUDA graph' if args.cuda_graph else ''}",
     }  # fmt: skip
 
 
