@@ -195,6 +195,7 @@ BAD = [
     (["--device", "nonsense:7"], "nonsense:7"),
     (["--cache", "0"], "'0'"),
     (["--cache", "fast"], "'fast'"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU; the transformer runs on cpu"),
 ]
 
 
@@ -204,6 +205,15 @@ def test_bad_input_exits_2_with_one_line(run_no_load, tmp_path, extra, needle):
     assert code == 2 and stdout == ""
     assert err.startswith("fluxrt: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert needle in err, err
+
+
+def test_cuda_graph_refuses_the_step_cache_with_its_threshold():
+    from fluxrt.pipeline import check_cuda_graph
+    from fluxrt.request import RequestError
+
+    check_cuda_graph("cuda", None)  # allowed
+    with pytest.raises(RequestError, match="does not combine with --cache 0.1 "):
+        check_cuda_graph("cuda", 0.1)
 
 
 @pytest.mark.parametrize(

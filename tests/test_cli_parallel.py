@@ -124,6 +124,7 @@ def test_plan_choice():
         (["--gpus", "2", "--parallel", "tp", "--overlap"], "plan tp2 has none"),
         (["--gpus", "2", "--parallel", "ring", "--overlap"], "plan ring2 has none"),
         (["--gpus", "2", "--parallel", "ring", "--transport", "copy-engine"], "plan ring2 has none"),
+        (["--gpus", "2", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA GPU; the transformer runs on cpu"),
         (["--gpus", "2", "--device", "cpu", "--transport", "copy-engine"], "needs CUDA GPUs (symmetric memory); this run's ranks are on cpu"),
     ],
 )

@@ -130,6 +130,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (lossless; "
                    "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU)")  # fmt: skip
+    p.add_argument("--cuda-graph", action="store_true", help="replay the transformer's forward as a CUDA graph, "
+                   "captured on the first step of each image size (lossless; removes the per-kernel launch cost: "
+                   "best with --compile, at small sizes and under --gpus; CUDA only, not with --cache or streamed "
+                   "blocks)")  # fmt: skip
     p.add_argument("--cache", type=threshold_arg, metavar="THRESHOLD", help="step cache (lossy, off by default): on "
                    "steps whose first block changed by less than THRESHOLD (relative, e.g. 0.1) since the last full "
                    "step, reuse what the later blocks added then; higher is faster and further from the exact image")  # fmt: skip
@@ -269,7 +273,8 @@ def _load(ref, args, record: dict, **extra):
     return Pipeline.load(ref, device=args.device, text_encoder_device=args.text_encoder_device,
                          ae_device=args.ae_device, dtype=DTYPES[dtype_name] if dtype_name else None,
                          compile=args.compile, text_encoder_url=getattr(args, "text_encoder_url", None),
-                         step_cache=step_cache_from_args(args, record), **load_kwargs(args), **extra)  # fmt: skip
+                         step_cache=step_cache_from_args(args, record), cuda_graph=getattr(args, "cuda_graph", False),
+                         **load_kwargs(args), **extra)  # fmt: skip
 
 
 def step_cache_from_args(args, record: dict) -> float | None:
@@ -297,6 +302,10 @@ def cmd_generate(args) -> int:
     from .parallel.generate import Launch
 
     launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
+    if getattr(args, "cuda_graph", False) and not launch.parallel:  # before the weights load
+        from .pipeline import check_cuda_graph, parse_device
+
+        check_cuda_graph(parse_device(args.device).type, step_cache_from_args(args, record))
     pipe = None if launch.parallel else _load(ref, args, record)
     from .safety import guard_for
 

@@ -196,7 +196,7 @@ class Pipeline:
              preset: str | None = None, compile: bool = False, load_text_encoder: bool = True,
              text_encoder_url: str | None = None, text_encoder_token: str | None = None, quant: str | None = None,
              vram: int | str | None = None, offload: str | None = None, plan=None,
-             transformer_split=None, step_cache: float | None = None) -> Pipeline:  # fmt: skip
+             transformer_split=None, step_cache: float | None = None, cuda_graph: bool = False) -> Pipeline:  # fmt: skip
         """Load a model (see the module docstring) with each component on its own device (default: cuda if any).
 
         dtype: transformer and text encoder compute dtype (default bf16 on a GPU, fp32 on the CPU); the VAE runs
@@ -211,9 +211,13 @@ class Pipeline:
         formats and placements (text encoder too) and is kept as `pipe.plan`. transformer_split: passed to
         `load_transformer` (tensor-parallel ranks load only their shards: `fluxrt.parallel.tp.sharded_loading`).
         step_cache: a threshold (e.g. 0.1) for `fluxrt.accel.cache` (lossy: later blocks skipped on steps whose
-        first block changed less than that since the last full step); None: off.
+        first block changed less than that since the last full step); None: off. cuda_graph: replay the
+        transformer's forward as a CUDA graph (`fluxrt.accel.CUDAGraphStep`; lossless, captured on the first step
+        of each image size; CUDA only, not with the step cache or streamed blocks).
         """
         dev = parse_device(device)
+        if cuda_graph:
+            check_cuda_graph(dev.type, step_cache)
         te_dev = parse_device(text_encoder_device) if text_encoder_device is not None else dev
         ae_dev = parse_device(ae_device) if ae_device is not None else dev
         ref = model if isinstance(model, ModelRef) else resolve_model(model, preset)
@@ -223,6 +227,9 @@ class Pipeline:
         from .memory.apply import apply_plan, load_devices, memory_plan
 
         plan = memory_plan(ref.spec, dev, dtype or _default_dtype(dev), quant, vram, offload, plan, compile)
+        if cuda_graph and plan is not None and plan.streamed:
+            raise RequestError(f"--cuda-graph does not combine with streamed blocks (the plan streams "
+                               f"{plan.blocks - plan.resident} of {plan.blocks}); raise --vram or drop --offload")  # fmt: skip
         t_dev, te_load_dev = load_devices(plan, dev, te_dev) if plan else (dev, te_dev)
         transformer, _ = load_transformer(root, t_dev, dtype or _default_dtype(dev), ref.spec, transformer_split)
         ae = load_autoencoder(_ae_source(root, ref.spec), ae_dev, torch.float32, ref.spec.autoencoder)
@@ -245,6 +252,10 @@ class Pipeline:
             from .accel.cache import apply_step_cache
 
             apply_step_cache(transformer, step_cache)
+        if cuda_graph:
+            from .accel import CUDAGraphStep
+
+            transformer = CUDAGraphStep(transformer)
         pipe = cls(ref.spec, transformer, ae, te, dtype or _default_dtype(dev), name=ref.name,
                    offload_text_encoder=offload_text_encoder and te is not None, text_encoder_device=te_dev)  # fmt: skip
         pipe.plan = plan
@@ -386,6 +397,16 @@ class Pipeline:
         if cache is not None:
             info |= {"step_cache": cache.threshold, "step_cache_skipped": f"{cache.skipped}/{cache.steps}"}
         return info
+
+
+def check_cuda_graph(device_type: str, step_cache: float | None) -> None:
+    """Refuse --cuda-graph where it cannot run, before anything loads: off CUDA, and with the step cache (which
+    decides on the host at every step)."""
+    if device_type != "cuda":
+        raise RequestError(f"--cuda-graph needs a CUDA GPU; the transformer runs on {device_type}")
+    if step_cache is not None:
+        raise RequestError(f"--cuda-graph does not combine with --cache {step_cache} (the step cache decides on the "
+                           f"host at every step, which a graph replay cannot)")  # fmt: skip
 
 
 def _module_device(module, default: torch.device) -> torch.device:

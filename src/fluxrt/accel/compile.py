@@ -101,10 +101,12 @@ def is_compiled(model: nn.Module) -> bool:
 class CUDAGraphStep(nn.Module):
     """Run `model` through CUDA graphs captured once per input signature (shapes, dtypes, which args are None).
 
-    Arguments must be tensors on the model's CUDA device or None (no `kv`). Each call copies them into the
-    graph's static inputs, replays, and clones the static output, so results never alias later calls. All
-    captures share one memory pool. Capture runs `warmup` eager calls on a side stream first (cuBLAS handles,
-    compiled code, autotuning), so wrap a compiled model only after its shapes compile without recompiles.
+    Arguments must be tensors on the model's CUDA device or None. Each call copies them into the graph's static
+    inputs, replays, and clones the static output, so results never alias later calls. All captures share one
+    memory pool. Capture runs `warmup` eager calls on a side stream first (cuBLAS handles, compiled code,
+    autotuning), so wrap a compiled model only after its shapes compile without recompiles. It stands in for the
+    transformer in a pipeline (`fluxrt generate --cuda-graph`): `cfg` is the model's, and the klein KV-cache
+    forwards (`kv=`, `forward_kv_extract`) run without a graph.
     """
 
     def __init__(self, model: nn.Module, warmup: int = 2):
@@ -140,8 +142,17 @@ class CUDAGraphStep(nn.Module):
             out = self.model(*static)
         return graph, static, out
 
-    def forward(self, *args: torch.Tensor | None, guidance: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    def forward_kv_extract(self, *args, **kwargs):
+        return self.model.forward_kv_extract(*args, **kwargs)
+
+    def forward(self, *args: torch.Tensor | None, guidance: torch.Tensor | None = None, kv=None) -> torch.Tensor:
         """The model's positional arguments; `guidance` may also come by keyword, as samplers pass it."""
+        if kv is not None:  # reference K/V vary in number and length per request: no graph
+            return self.model(*args, guidance=guidance, kv=kv)
         if guidance is not None:
             args = (*args, guidance)
         key = self._signature(args)

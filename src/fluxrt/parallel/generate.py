@@ -134,6 +134,11 @@ class Launch:
         if world == 1:
             return cls(plan)
         device_type = _device_type(args, world, spawning=torchrun_world == 1)
+        if getattr(args, "cuda_graph", False):
+            from ..cli import step_cache_from_args
+            from ..pipeline import check_cuda_graph
+
+            check_cuda_graph(device_type, step_cache_from_args(args, {}))
         if transport == "copy-engine" and device_type != "cuda":
             raise ValueError(f"--transport copy-engine needs CUDA GPUs (symmetric memory); this run's ranks are on "
                              f"{device_type} (use --transport nccl)")  # fmt: skip
@@ -206,7 +211,7 @@ def _load_on_rank(ref, args, record, rank: int, device: torch.device, mesh=None)
     sharded = mesh is not None and mesh.tp > 1 and (plan is None or (plan.quant == "fp8" and not plan.streamed))
     a = copy.copy(args)
     a.device = str(device)
-    a.compile = False  # compiled after the plan is applied (collectives inside the blocks)
+    a.compile = a.cuda_graph = False  # compiled and graphed after the plan is applied (collectives inside)
     if rank != 0:  # --text-encoder-device / --ae-device place rank 0's components; the others keep theirs local
         a.text_encoder_device = a.ae_device = None
     split = sharded_loading(mesh.tp_group) if sharded else None
@@ -234,6 +239,12 @@ def rank_generate(plan: Plan, ref, args, valid, record, show_progress: bool):
 
         inner = getattr(pipe.transformer, "model", pipe.transformer)  # the Flux2 inside SequenceParallel
         compile_transformer(inner, fullgraph=False)  # all-to-alls and all-reduces trace; ring's send/recv break
+    if getattr(args, "cuda_graph", False):  # the whole parallel forward, collectives included, as one graph
+        from ..accel import CUDAGraphStep
+        from ..pipeline import check_cuda_graph
+
+        check_cuda_graph(device.type, getattr(pipe.step_cache, "threshold", None))  # --from's cache, if any
+        pipe.transformer = CUDAGraphStep(pipe.transformer)
     progress = Progress(enabled=show_progress and rank == 0)
     try:
         results = pipe.run(valid, on_step=progress)
