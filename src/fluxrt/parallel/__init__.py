@@ -6,6 +6,8 @@
 
 * `SequenceParallel(model, group, attention="ulysses" | "ring")` (sp.py): tokens split over ranks, attention
   communicates (Ulysses all-to-all, or ring K/V passing with online softmax). Exact: same function as one process.
+* copy_engine.py: `SequenceParallel(..., transport="copy-engine")` moves Ulysses' all-to-alls with peer copies on
+  the GPUs' copy engines through symmetric memory instead of NCCL's kernels (CUDA only).
 * `apply_tensor_parallel(model, group)` (tp.py): weights split by heads and MLP columns, all-reduce after the
   row-sharded projections. Exact up to summation order.
 * `BatchParallel(model, group)` (batch.py): each forward's batch rows (CFG halves, images) split over the ranks,
