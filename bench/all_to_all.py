@@ -13,7 +13,8 @@ rank 0 with CUDA events, --iters back-to-back repetitions after a warm-up, in ms
   mm        the matmul alone
   together  start, the matmul, wait: as `--overlap` runs them
   hidden    a2a + mm - together (the part of the exchange the overlap hid); mm_slowdown = together - mm
-Both transports' received tensors are compared (they must be equal bit for bit). bf16, random inputs.
+Both transports' received tensors are compared (they must be equal bit for bit). bf16, random inputs. With
+--cuda-graph each of the three is captured once and its replays are timed (host time is then the replay call's).
 """
 
 from __future__ import annotations
@@ -53,8 +54,25 @@ def _ms(fn, iters: int) -> tuple[float, float]:
     return a.elapsed_time(b) / iters, host
 
 
+def as_graph(fn):
+    """`fn` captured once as a CUDA graph (after warm-up calls on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def exchange(x, start, finish, ex, work=None) -> torch.Tensor:
-    """One all-to-all of `x` over the world (`ex`: None = NCCL), with `work()` issued while it is in flight."""
+    """One all-to-all of `x` over the world (`ex`: None = NCCL), with `work()` issued while it is in flight. The
+    copy-engine exchange starts with `begin` (its barrier): replays of one captured exchange reuse one buffer."""
+    if ex is not None:
+        ex.begin(x.device)
     pending = start(x, dist.group.WORLD, ex)
     if work is not None:
         work()
@@ -79,6 +97,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--cuda-graph", action="store_true", help="time replays of each case captured as a CUDA graph "
+                    "(no host cost: what the exchange leaves exposed inside `--cuda-graph` runs)")  # fmt: skip
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "all_to_all.json"))
     args = ap.parse_args(argv)
     info = init_from_env()
@@ -88,12 +108,13 @@ def main(argv=None):
     for size in args.sizes:
         for name, x, start, finish, mm in cases(size, n, info.device):
             got = {}
-            mm_ms = _ms(mm, args.iters)[0]
+            wrap = as_graph if args.cuda_graph else (lambda fn: fn)
+            mm_ms = _ms(wrap(mm), args.iters)[0]
             for transport, ex in (("nccl", None), ("copy-engine", ce)):
                 got[transport] = exchange(x, start, finish, ex)
-                a2a, host = _ms(functools.partial(exchange, x, start, finish, ex), args.iters)
-                together = _ms(functools.partial(exchange, x, start, finish, ex, mm), args.iters)[0]
-                row = {"size": size, "message": name, "transport": transport, "ranks": n,
+                a2a, host = _ms(wrap(functools.partial(exchange, x, start, finish, ex)), args.iters)
+                together = _ms(wrap(functools.partial(exchange, x, start, finish, ex, mm)), args.iters)[0]
+                row = {"size": size, "message": name, "transport": transport, "ranks": n, "cuda_graph": args.cuda_graph,
                        "bytes_per_rank": x.numel() * x.element_size(), "a2a_ms": a2a, "a2a_host_ms": host, "mm_ms": mm_ms,
                        "together_ms": together, "hidden_ms": a2a + mm_ms - together,
                        "mm_slowdown_ms": together - mm_ms}  # fmt: skip
