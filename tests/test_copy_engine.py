@@ -91,3 +91,18 @@ def test_bad_transport_choices_are_refused_with_the_value():
     assert "'copy-engine'" in msgs[0] and "ring" in msgs[0]
     assert "'carrier-pigeon'" in msgs[1] and "copy-engine" in msgs[1]
     assert "CUDA" in msgs[2] and "cpu" in msgs[2]
+
+
+def _symmetric_on_cpu_worker() -> str:
+    from fluxrt.parallel.copy_engine import SymmetricBuffer
+
+    try:
+        SymmetricBuffer(4, torch.float32, torch.device("cpu"), dist.group.WORLD)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_symmetric_memory_that_cannot_be_set_up_says_which_transport_to_use():
+    msg = _run(2, _symmetric_on_cpu_worker)
+    assert "could not set up symmetric memory on cpu" in msg and "use --transport nccl" in msg, msg

@@ -37,8 +37,12 @@ class SymmetricBuffer:
         import torch.distributed._symmetric_memory as symm_mem
 
         self.numel, self.dtype = numel, dtype
-        self.local = symm_mem.empty(numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.local, group.group_name)
+        try:
+            self.local = symm_mem.empty(numel, dtype=dtype, device=device)
+            self.handle = symm_mem.rendezvous(self.local, group.group_name)
+        except Exception as e:  # no peer access, an old driver, a sandbox without IPC: say what to do instead
+            raise RuntimeError(f"the copy-engine transport could not set up symmetric memory on {device} "
+                               f"({type(e).__name__}: {e}); use --transport nccl") from e  # fmt: skip
 
     def remote(self, src: int) -> torch.Tensor:
         """Rank `src`'s buffer, mapped into this process (reads go over NVLink)."""
