@@ -1,6 +1,7 @@
-"""The copy-engine transport's exchange (`fluxrt.parallel.copy_engine`) on the CPU: symmetric memory emulated over
-gloo (`EmulatedBuffer`), so the packing, the chunk order and the Ulysses wiring run as they do on GPUs (the
-copies on copy engines and the barriers are CUDA-only and measured by bench/parallel.py)."""
+"""The copy-engine transport's exchange (`fluxrt.parallel.copy_engine`) on the CPU: symmetric memory stood in for
+by files every rank process maps shared (`SharedFileBuffer`), barriers over gloo, so the packing, the chunk order,
+the two-buffer reuse and the Ulysses wiring run on real shared memory as they do on GPUs (the copy engines, the
+streams and the barrier kernels are CUDA-only and timed by bench/parallel.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from conftest import tiny_flow
 from test_parallel import TOL, _inputs, _max_over_ranks, _run
 
 from fluxrt.parallel import SequenceParallel, make_mesh, parallelize
-from fluxrt.parallel.copy_engine import CopyEngineExchange, EmulatedBuffer, make_exchange
+from fluxrt.parallel.copy_engine import CopyEngineExchange, SharedFileBuffer, make_exchange
 
 
-def _exchange_worker(strided: bool) -> list[list[float]]:
+def _exchange_worker(strided: bool, push: bool = False) -> list[list[float]]:
     """Rank r sends chunk i = [100 r + i, ...] to rank i, three times (the two buffers taken in turn, the first
     reused); returns what arrived."""
     n, r = dist.get_world_size(), dist.get_rank()
-    ex = CopyEngineExchange(buffer=EmulatedBuffer)
+    ex = CopyEngineExchange(buffer=SharedFileBuffer, push=push)
     got = []
     for rep in range(3):
         send = torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * r + 1000 * rep
@@ -31,8 +32,9 @@ def _exchange_worker(strided: bool) -> list[list[float]]:
 
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_exchange_is_an_all_to_all(n, strided):
-    got = spawn_results(n, _exchange_worker, strided)
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_exchange_is_an_all_to_all(n, strided, push):
+    got = spawn_results(n, _exchange_worker, strided, push)
     for r, runs in enumerate(got):
         for rep, firsts in enumerate(runs):
             # out[src] on rank r is chunk r of rank src: its first element 100 src + 3 r + 1000 rep
@@ -50,14 +52,14 @@ def spawn_results(n, fn, *args):
     return _run(n, _gather, fn, *args)
 
 
-def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool) -> float:
+def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False) -> float:
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
     with torch.no_grad():
         ref = model(*inputs[:5], guidance=inputs[5])
         mesh = make_mesh(sp, tp)
         par = parallelize(model, mesh, "ulysses", overlap=overlap,
-                          transport=CopyEngineExchange(mesh.sp_group, buffer=EmulatedBuffer))  # fmt: skip
+                          transport=CopyEngineExchange(mesh.sp_group, buffer=SharedFileBuffer, push=push))  # fmt: skip
         out = par(*inputs[:5], guidance=inputs[5])
         assert par.exchange is not None and not par.exchange._pending  # every exchange waited on
     return _max_over_ranks((out - ref).abs().max().item())
@@ -68,6 +70,11 @@ def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool) -> float:
 @pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
 def test_ulysses_over_copy_engine_transport_equals_single_process(n, sp, tp, overlap, refs):
     assert _run(n, _ulysses_worker, sp, tp, overlap, refs) < TOL
+
+
+@pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1)])
+def test_ulysses_over_pushed_copies_equals_single_process(n, sp, tp):
+    assert _run(n, _ulysses_worker, sp, tp, True, True, True) < TOL
 
 
 def _errors_worker() -> list[str]:

@@ -15,14 +15,17 @@ every peer has read it.
 
 Both calls are opaque to torch.compile (graph breaks): compile with fullgraph=False, as `fluxrt generate --gpus`
 does. The buffers are allocated at the first exchange of each size (a collective: every rank exchanges the same
-sizes in the same order, as Ulysses does) and kept. CUDA only; `EmulatedBuffer` stands in for symmetric memory
-on the CPU (gloo) so that the tests run the same packing and chunk order.
+sizes in the same order, as Ulysses does) and kept. CUDA only; `SharedFileBuffer` (files mapped shared by every rank)
+stands in for symmetric memory on the CPU (gloo), so the tests run the same code on real shared memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -53,19 +56,31 @@ class SymmetricBuffer:
         self.handle.barrier(channel=0)
 
 
-class EmulatedBuffer:
-    """The CPU stand-in for `SymmetricBuffer` (tests): `remote(src)` is a copy of rank `src`'s buffer, refreshed
-    at each barrier (an all-gather)."""
+class SharedFileBuffer:
+    """The CPU stand-in for `SymmetricBuffer` (tests, gloo): every rank's buffer is a file that every rank of the
+    group maps shared (`torch.from_file`), so reads and writes of a peer's buffer are real cross-process memory,
+    as over NVLink; the barrier is the group's. Made collectively (rank 0 names a fresh folder; the files are
+    unlinked once every rank has mapped them)."""
 
     def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, group):
-        self.group, self.local = group, torch.empty(numel, dtype=dtype, device=device)
-        self._seen = [torch.empty_like(self.local) for _ in range(dist.get_world_size(group))]
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"SharedFileBuffer maps CPU memory; got {device}")
+        rank, n = dist.get_rank(group), dist.get_world_size(group)
+        folder = [tempfile.mkdtemp(prefix="fluxrt-symm-") if rank == 0 else None]
+        dist.broadcast_object_list(folder, src=dist.get_global_rank(group, 0), group=group)
+        files = [os.path.join(folder[0], f"{r}.bin") for r in range(n)]
+        self.group, self.local = group, torch.from_file(files[rank], shared=True, size=numel, dtype=dtype)
+        dist.barrier(group=group)  # every file exists at its full size
+        self._peers = [torch.from_file(f, shared=True, size=numel, dtype=dtype) for f in files]
+        dist.barrier(group=group)
+        if rank == 0:
+            shutil.rmtree(folder[0])  # the mappings stay valid
 
     def remote(self, src: int) -> torch.Tensor:
-        return self._seen[src]
+        return self._peers[src]
 
     def barrier(self) -> None:
-        dist.all_gather(self._seen, self.local, group=self.group)
+        dist.barrier(group=self.group)
 
 
 class _Slot:
@@ -81,18 +96,24 @@ class _Slot:
 
 
 class CopyEngineExchange:
-    """All-to-all over `group` by pulls from symmetric memory (see the module's docstring).
+    """All-to-all over `group` through symmetric memory (see the module's docstring).
 
-    buffer: the buffer class (default `SymmetricBuffer`, which needs CUDA; `EmulatedBuffer` on the CPU).
+    buffer: the buffer class (default `SymmetricBuffer`, which needs CUDA; `SharedFileBuffer` on the CPU).
     One barrier per exchange: exchanges of the same shape alternate between two buffers, and a rank packs buffer
     i again (two exchanges later) only after the exchange in between has passed its barrier on every rank, which
     each rank reaches after its pulls from buffer i.
+    push: instead of packing its own buffer and pulling from the peers' after the barrier, each rank writes its
+    chunks straight into the peers' buffers (the copies start as soon as `send` is ready, with no kernel before
+    them) and the barrier comes after; `start` then returns this rank's buffer itself, valid until the second
+    exchange of the same shape after it (the same two-buffer argument: a peer writes buffer i again only after
+    the exchange in between, which every rank enters after reading buffer i). Not timed yet (bench/parallel.py
+    plan variant `:cepush`).
     """
 
-    def __init__(self, group=None, buffer=None):
+    def __init__(self, group=None, buffer=None, push: bool = False):
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        self.buffer = buffer
+        self.buffer, self.push = buffer, push
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
@@ -141,6 +162,8 @@ class CopyEngineExchange:
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if slot.last is not None and slot.last[1] == capturing:  # (an event from before a CUDA graph capture
             main.wait_event(slot.last[0])  # cannot be waited on inside it; what it guards came before the graph)
+        if self.push:
+            return self._push(send, slot, turn, main)
         local.copy_(send)  # pack (contiguous: a device-to-device copy, on the current stream)
         out = torch.empty(send.shape, dtype=send.dtype, device=send.device)
         out[self.rank].copy_(local[self.rank])
@@ -158,6 +181,24 @@ class CopyEngineExchange:
         if cuda:  # the exchange before this one passed its barrier: the next one may pack this buffer
             slot.last = (fence.record_event(), capturing)
             self._pending[id(out)] = (out, slot.last[0])
+        return out
+
+    def _push(self, send: torch.Tensor, slot: _Slot, turn: int, main) -> torch.Tensor:
+        """`start` in push mode: chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer."""
+        out, streams, fence = slot.local[turn], self._streams or [None] * self.n, (self._streams or [None])[0]
+        out[self.rank].copy_(send[self.rank])
+        for i in range(1, self.n):
+            dst, stream = (self.rank + i) % self.n, streams[i]
+            _follow(stream, main)
+            with _on(stream):
+                slot.remote[turn][dst].copy_(send[dst])  # into rank dst's buffer, at this rank's chunk
+            _follow(fence, stream)
+        _follow(fence, main)
+        with _on(fence):
+            slot.buffers[turn].barrier()  # every rank has written into every buffer
+        if main is not None:  # `send` is read on other streams: kept until `wait`
+            slot.last = (fence.record_event(), torch.cuda.is_current_stream_capturing())
+            self._pending[id(out)] = (out, slot.last[0], send)
         return out
 
     @torch.compiler.disable
@@ -186,6 +227,8 @@ def make_exchange(transport, group):
         return None
     if transport == "copy-engine":
         return CopyEngineExchange(group)
+    if transport == "copy-engine-push":  # not offered on the command line until timed (bench variant :cepush)
+        return CopyEngineExchange(group, push=True)
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")
