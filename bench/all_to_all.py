@@ -4,16 +4,17 @@
         --sizes 1024 2048 --out $OUT/all_to_all.json
 
 For dev (48 heads x 128) at each size (image tokens + 512 text tokens, split over the ranks) and each transport
-("nccl": NCCL's all-to-all kernels; "copy-engine": `fluxrt.parallel.copy_engine`), the two exchanges of a single
-block: q, k, v to head shards (`seq_to_heads_*`, with the MLP up product, tokens/n x 6144 @ 6144 x 36864, as the
-work beside it) and the attention output back (`heads_to_seq_*`, with the down product, 18432 -> 6144). Timed on
+("nccl": NCCL's all-to-all kernels; "copy-engine": `fluxrt.parallel.copy_engine`, pulls; "copy-engine-push": its
+push mode), the two exchanges of a single block: q, k, v to head shards (`seq_to_heads_*`, with the MLP up
+product, tokens/n x 6144 @ 6144 x 36864, as the work beside it) and the attention output back (`heads_to_seq_*`,
+with the down product, 18432 -> 6144). Timed on
 rank 0 with CUDA events, --iters back-to-back repetitions after a warm-up, in ms per repetition:
   a2a       the exchange alone (start, wait); a2a_host_ms: the host's time to issue one (when it is as long as
             a2a, the exchange is bound by Python and launches, not by the links)
   mm        the matmul alone
   together  start, the matmul, wait: as `--overlap` runs them
   hidden    a2a + mm - together (the part of the exchange the overlap hid); mm_slowdown = together - mm
-Both transports' received tensors are compared (they must be equal bit for bit). bf16, random inputs. With
+All transports' received tensors are compared (they must be equal bit for bit). bf16, random inputs. With
 --cuda-graph each of the three is captured once and its replays are timed (host time is then the replay call's).
 """
 
@@ -103,29 +104,29 @@ def main(argv=None):
     args = ap.parse_args(argv)
     info = init_from_env()
     n = info.world_size
-    ce = CopyEngineExchange(dist.group.WORLD)
+    ce, ce_push = CopyEngineExchange(dist.group.WORLD), CopyEngineExchange(dist.group.WORLD, push=True)
     rows = []
     for size in args.sizes:
         for name, x, start, finish, mm in cases(size, n, info.device):
             got = {}
             wrap = as_graph if args.cuda_graph else (lambda fn: fn)
             mm_ms = _ms(wrap(mm), args.iters)[0]
-            for transport, ex in (("nccl", None), ("copy-engine", ce)):
-                got[transport] = exchange(x, start, finish, ex)
+            for transport, ex in (("nccl", None), ("copy-engine", ce), ("copy-engine-push", ce_push)):
+                got[transport] = exchange(x, start, finish, ex).clone()  # push: a view of a reused buffer
                 a2a, host = _ms(wrap(functools.partial(exchange, x, start, finish, ex)), args.iters)
                 together = _ms(wrap(functools.partial(exchange, x, start, finish, ex, mm)), args.iters)[0]
-                row = {"size": size, "message": name, "transport": transport, "ranks": n, "cuda_graph": args.cuda_graph,
-                       "bytes_per_rank": x.numel() * x.element_size(), "a2a_ms": a2a, "a2a_host_ms": host, "mm_ms": mm_ms,
-                       "together_ms": together, "hidden_ms": a2a + mm_ms - together,
-                       "mm_slowdown_ms": together - mm_ms}  # fmt: skip
+                row = {"size": size, "message": name, "transport": transport, "ranks": n,
+                       "cuda_graph": args.cuda_graph, "bytes_per_rank": x.numel() * x.element_size(), "a2a_ms": a2a,
+                       "a2a_host_ms": host, "mm_ms": mm_ms, "together_ms": together,
+                       "hidden_ms": a2a + mm_ms - together, "mm_slowdown_ms": together - mm_ms}  # fmt: skip
                 row["a2a_GBps_per_rank"] = row["bytes_per_rank"] * (n - 1) / n / a2a / 1e6
                 if info.rank == 0:
                     print(json.dumps(row), flush=True)
                 rows.append(row)
-            same = torch.equal(got["nccl"], got["copy-engine"])
+            same = all(torch.equal(got["nccl"], t) for t in got.values())
             flags = torch.tensor([int(same)], device=info.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-            for r in rows[-2:]:
+            for r in rows[-3:]:
                 r["equal_to_nccl_all_ranks"] = bool(flags.item())
     if info.rank == 0:
         meta = {"card": torch.cuda.get_device_name(info.device), "torch": torch.__version__,

@@ -10,6 +10,7 @@ Plans (the product of the numbers must be the world size, except "1"):
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
   PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
   PLAN:ce        a Ulysses plan with `--transport copy-engine` (all-to-alls on copy engines); sp4:overlap:ce both
+  PLAN:cepush    the same with each rank writing into its peers' buffers (`CopyEngineExchange(push=True)`)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -194,9 +195,11 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
              cuda_graph: bool = False) -> dict | None:  # fmt: skip
     base, *variants = name.split(":")
     for variant in variants:
-        if variant not in ("overlap", "ce"):
-            raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap, ce (e.g. sp4:overlap)")
-    overlap, transport = "overlap" in variants, "copy-engine" if "ce" in variants else "nccl"
+        if variant not in ("overlap", "ce", "cepush"):
+            raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap, ce, cepush (e.g. "
+                             f"sp4:overlap)")  # fmt: skip
+    overlap = "overlap" in variants
+    transport = "copy-engine-push" if "cepush" in variants else "copy-engine" if "ce" in variants else "nccl"
     sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch
     if gpus not in (1, info.world_size):
