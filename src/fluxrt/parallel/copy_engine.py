@@ -117,7 +117,7 @@ class CopyEngineExchange:
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
-        self._pending: dict[int, tuple] = {}  # id(out) -> (out, event) until `wait`
+        self._pending: dict[int, tuple] = {}  # id(out) -> (out, event[, send while pushes read it]) until `wait`
 
     def _slot(self, send: torch.Tensor) -> _Slot:
         key = (tuple(send.shape), send.dtype, send.device)
@@ -155,8 +155,8 @@ class CopyEngineExchange:
         local, remote = slot.local[turn], slot.remote[turn]
         cuda = send.device.type == "cuda"
         if cuda and self._streams is None:  # one per peer, so that the pulls from different peers run at once
-            # highest priority: the barrier kernel is scheduled before the matmul launched beside it, which would
-            # otherwise hold every SM until it ends and so delay the pulls until after it
+            # high priority, meant to get the barrier kernel onto an SM before the matmul launched beside it takes
+            # them all (the pulls wait for the barrier); it made no measurable difference (bench/RESULTS.md)
             self._streams = [torch.cuda.Stream(device=send.device, priority=-1) for _ in range(self.n)]
         main = torch.cuda.current_stream() if cuda else None
         capturing = cuda and torch.cuda.is_current_stream_capturing()
