@@ -301,11 +301,7 @@ def cmd_generate(args) -> int:
     args.plan = plan_from_args(ref.spec, args, valid, record)  # --quant / --vram / --offload: printed on stderr
     from .parallel.generate import Launch
 
-    launch = Launch.from_args(args, ref.spec)  # --gpus N or torchrun: fluxrt.parallel.generate runs the ranks
-    if getattr(args, "cuda_graph", False) and not launch.parallel:  # before the weights load
-        from .pipeline import check_cuda_graph, parse_device
-
-        check_cuda_graph(parse_device(args.device).type, step_cache_from_args(args, record))
+    launch = Launch.from_args(args, ref.spec, record)  # --gpus N or torchrun: fluxrt.parallel.generate runs ranks
     pipe = None if launch.parallel else _load(ref, args, record)
     from .safety import guard_for
 

@@ -2,7 +2,8 @@
 
 Contract:
     add_arguments(parser)                      --gpus N and --parallel PLAN on the generate command
-    Launch.from_args(args, spec) -> Launch     one process, this torchrun rank (joins the group), or N ranks to
+    Launch.from_args(args, spec, record=None) -> Launch
+                                               one process, this torchrun rank (joins the group), or N ranks to
                                                spawn; the plan is checked against the model before any loading
     launch.run(ref, args, valid, record) -> [GenerationResult] in the main process, None on torchrun ranks > 0
     BroadcastTextEncoder(encoder | None, device)   rank 0 encodes, every rank receives the (B, T, C) features
@@ -113,7 +114,9 @@ class Launch:
         return self.rank == 0
 
     @classmethod
-    def from_args(cls, args, spec) -> Launch:
+    def from_args(cls, args, spec, record: dict | None = None) -> Launch:
+        """Checks every option against the plan (and `--cuda-graph` against the devices and the step cache,
+        `--from`'s `record` included) before anything loads or joins a group."""
         torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
         gpus = getattr(args, "gpus", None)
         if gpus is not None and gpus < 1:
@@ -131,14 +134,14 @@ class Launch:
         if transport != "nccl" and (plan.sp == 1 or plan.attention != "ulysses"):
             raise ValueError(f"--transport {transport} carries Ulysses all-to-alls; plan {plan.name} has none "
                              f"(use spN or spAtpB)")  # fmt: skip
-        if world == 1:
-            return cls(plan)
-        device_type = _device_type(args, world, spawning=torchrun_world == 1)
+        device_type = _device_type(args, world, spawning=torchrun_world == 1) if world > 1 else None
         if getattr(args, "cuda_graph", False):
             from ..cli import step_cache_from_args
-            from ..pipeline import check_cuda_graph
+            from ..pipeline import check_cuda_graph, parse_device
 
-            check_cuda_graph(device_type, step_cache_from_args(args, {}))
+            check_cuda_graph(device_type or parse_device(args.device).type, step_cache_from_args(args, record or {}))
+        if world == 1:
+            return cls(plan)
         if transport == "copy-engine" and device_type != "cuda":
             raise ValueError(f"--transport copy-engine needs CUDA GPUs (symmetric memory); this run's ranks are on "
                              f"{device_type} (use --transport nccl)")  # fmt: skip
@@ -241,9 +244,7 @@ def rank_generate(plan: Plan, ref, args, valid, record, show_progress: bool):
         compile_transformer(inner, fullgraph=False)  # all-to-alls and all-reduces trace; ring's send/recv break
     if getattr(args, "cuda_graph", False):  # the whole parallel forward, collectives included, as one graph
         from ..accel import CUDAGraphStep
-        from ..pipeline import check_cuda_graph
 
-        check_cuda_graph(device.type, getattr(pipe.step_cache, "threshold", None))  # --from's cache, if any
         pipe.transformer = CUDAGraphStep(pipe.transformer)
     progress = Progress(enabled=show_progress and rank == 0)
     try:
