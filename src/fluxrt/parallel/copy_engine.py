@@ -117,7 +117,7 @@ class CopyEngineExchange:
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
-        self._pending: dict[int, tuple] = {}  # id(out) -> (out, event[, send while pushes read it]) until `wait`
+        self._pending: dict[int, tuple] = {}  # id(out) -> (out, event, send while pushes read it) until `wait`
 
     def _slot(self, send: torch.Tensor) -> _Slot:
         key = (tuple(send.shape), send.dtype, send.device)
@@ -162,44 +162,44 @@ class CopyEngineExchange:
         capturing = cuda and torch.cuda.is_current_stream_capturing()
         if slot.last is not None and slot.last[1] == capturing:  # (an event from before a CUDA graph capture
             main.wait_event(slot.last[0])  # cannot be waited on inside it; what it guards came before the graph)
-        if self.push:
-            return self._push(send, slot, turn, main)
+        streams = self._streams if cuda else [None] * self.n
+        out = (self._push if self.push else self._pull)(send, slot.buffers[turn], local, remote, streams, main)
+        if cuda:  # the exchange before this one passed its barrier: the next one may reuse this buffer
+            slot.last = (streams[0].record_event(), capturing)
+            self._pending[id(out)] = (out, slot.last[0], send if self.push else None)  # pushes read `send`
+        return out
+
+    def _pull(self, send, buf, local, remote, streams, main) -> torch.Tensor:
+        """Pack `send` into this rank's buffer, the barrier, then chunk r of every rank r's buffer; a new tensor."""
         local.copy_(send)  # pack (contiguous: a device-to-device copy, on the current stream)
         out = torch.empty(send.shape, dtype=send.dtype, device=send.device)
         out[self.rank].copy_(local[self.rank])
-        streams = self._streams if cuda else [None] * self.n
         fence = streams[0]
         _follow(fence, main)
         with _on(fence):
-            slot.buffers[turn].barrier()  # every rank has packed
+            buf.barrier()  # every rank has packed
         for i in range(1, self.n):
             src, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, fence)
             with _on(stream):
                 out[src].copy_(remote[src])  # device-to-device from a peer's memory: a copy engine
             _follow(fence, stream)
-        if cuda:  # the exchange before this one passed its barrier: the next one may pack this buffer
-            slot.last = (fence.record_event(), capturing)
-            self._pending[id(out)] = (out, slot.last[0])
         return out
 
-    def _push(self, send: torch.Tensor, slot: _Slot, turn: int, main) -> torch.Tensor:
-        """`start` in push mode: chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer."""
-        out, streams, fence = slot.local[turn], self._streams or [None] * self.n, (self._streams or [None])[0]
-        out[self.rank].copy_(send[self.rank])
+    def _push(self, send, buf, local, remote, streams, main) -> torch.Tensor:
+        """Chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer (`local`)."""
+        local[self.rank].copy_(send[self.rank])
+        fence = streams[0]
         for i in range(1, self.n):
             dst, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, main)
             with _on(stream):
-                slot.remote[turn][dst].copy_(send[dst])  # into rank dst's buffer, at this rank's chunk
+                remote[dst].copy_(send[dst])  # into rank dst's buffer, at this rank's chunk
             _follow(fence, stream)
         _follow(fence, main)
         with _on(fence):
-            slot.buffers[turn].barrier()  # every rank has written into every buffer
-        if main is not None:  # `send` is read on other streams: kept until `wait`
-            slot.last = (fence.record_event(), torch.cuda.is_current_stream_capturing())
-            self._pending[id(out)] = (out, slot.last[0], send)
-        return out
+            buf.barrier()  # every rank has written into every buffer
+        return local
 
     @torch.compiler.disable
     def wait(self, out: torch.Tensor) -> torch.Tensor:
