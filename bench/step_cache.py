@@ -27,11 +27,16 @@ from fluxrt.accel.cache import apply_step_cache, remove_step_cache
 
 
 def timed_images(pipe, samples, size: int, steps: int, guidance: float):
-    """Images one at a time (the cache decides per batch), and the seconds they took."""
+    """Images one at a time (the cache decides per batch), the seconds they took, and the fraction of their
+    forwards that skipped the later blocks (None without a step cache; each `generate` restarts the counts)."""
     pipe.generate(samples[:1], size, size, steps, guidance)  # warm-up
+    images, skipped, forwards = [], 0, 0
     t0 = time.perf_counter()
-    images = [pipe.generate([s], size, size, steps, guidance)[0] for s in samples]
-    return images, time.perf_counter() - t0
+    for s in samples:
+        images.append(pipe.generate([s], size, size, steps, guidance)[0])
+        if pipe.step_cache is not None:
+            skipped, forwards = skipped + pipe.step_cache.skipped, forwards + pipe.step_cache.steps
+    return images, time.perf_counter() - t0, skipped / forwards if forwards else None
 
 
 def main(argv=None):
@@ -45,8 +50,8 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     pipe, steps, guidance, prompts, samples = load_case(args)
-    exact, first_s = timed_images(pipe, samples, args.size, steps, guidance)
-    again, again_s = timed_images(pipe, samples, args.size, steps, guidance)  # the exact time, twice: its spread
+    exact, first_s, _ = timed_images(pipe, samples, args.size, steps, guidance)
+    again, again_s, _ = timed_images(pipe, samples, args.size, steps, guidance)  # the exact time, twice: its spread
     assert all(psnr(a, b) == float("inf") for a, b in zip(exact, again)), "the exact path is not deterministic"
     exact_s = (first_s + again_s) / 2
     print(f"exact: {args.n} images in {first_s:.1f} s, then {again_s:.1f} s", flush=True)
@@ -54,9 +59,8 @@ def main(argv=None):
            "device": args.device, "dtype": str(pipe.dtype), "exact_s": exact_s, "exact_runs_s": [first_s, again_s],
            "thresholds": {}}  # fmt: skip
     for threshold in args.thresholds:
-        state = apply_step_cache(pipe.transformer, threshold)
-        images, seconds = timed_images(pipe, samples, args.size, steps, guidance)
-        skipped = state.skipped / state.steps  # warm-up included: the same steps as every image
+        apply_step_cache(pipe.transformer, threshold)
+        images, seconds, skipped = timed_images(pipe, samples, args.size, steps, guidance)
         remove_step_cache(pipe.transformer)
         values = [psnr(a, b) for a, b in zip(images, exact)]
         row = {**summary(values), "identical_images": sum(v == float("inf") for v in values),
