@@ -87,6 +87,21 @@ def load_manifest(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in json.loads(path.read_text())["tensors"].items()}
 
 
+def spawn_all(n: int, fn, *args, timeout_s: float = 120) -> list:
+    """fn(*args) on n forked CPU ranks (gloo); every rank's return value in rank order (`spawn` returns rank 0's)."""
+    from fluxrt.parallel import spawn
+
+    return spawn(n, _gathered, fn, *args, start_method="fork", timeout_s=timeout_s)
+
+
+def _gathered(fn, *args) -> list:
+    import torch.distributed as dist
+
+    res = [None] * dist.get_world_size()
+    dist.all_gather_object(res, fn(*args))
+    return res
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     """Same keys, shapes, dtypes and bit-identical values."""
     assert sorted(a) == sorted(b)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_flow
+from conftest import spawn_all, tiny_flow
 from test_parallel import TOL, _inputs, _max_over_ranks, _run
 
 from fluxrt.parallel import SequenceParallel, make_mesh, parallelize
@@ -34,22 +34,11 @@ def _exchange_worker(strided: bool, push: bool = False) -> list[list[float]]:
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
 def test_exchange_is_an_all_to_all(n, strided, push):
-    got = spawn_results(n, _exchange_worker, strided, push)
+    got = spawn_all(n, _exchange_worker, strided, push)
     for r, runs in enumerate(got):
         for rep, firsts in enumerate(runs):
             # out[src] on rank r is chunk r of rank src: its first element 100 src + 3 r + 1000 rep
             assert firsts == [100 * src + 3 * r + 1000 * rep for src in range(n)]
-
-
-def _gather(fn, *args) -> list:
-    res = [None] * dist.get_world_size()
-    dist.all_gather_object(res, fn(*args))
-    return res
-
-
-def spawn_results(n, fn, *args):
-    """Every rank's return value (spawn returns rank 0's): gathered with all_gather_object in the worker."""
-    return _run(n, _gather, fn, *args)
 
 
 def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_flow
+from conftest import spawn_all, tiny_flow
 
 from fluxrt.accel.cache import apply_step_cache, remove_step_cache
 from fluxrt.accel.compile import compile_transformer
@@ -182,7 +182,7 @@ def test_parallel_ranks_skip_the_same_steps_as_one_process(plan):
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
-def _decide(group_on: bool) -> list[bool]:
+def _decide(group_on: bool) -> bool:
     """Rank r's image rows: rank 0's changed by 1% since the last full step, rank 1's by 40%, rank 1's rows ten
     times smaller, so together they changed by 4.5%."""
     import torch.distributed as dist
@@ -193,13 +193,9 @@ def _decide(group_on: bool) -> list[bool]:
     prev = torch.full((1, 4, 8), 1.0 if rank == 0 else 0.1)
     now = prev * (1.01 if rank == 0 else 1.4)
     state = StepCache(0.1, residual=prev, group=dist.group.WORLD if group_on else None)
-    got = [state.reusable(now)]
-    dist.all_gather_object(out := [None, None], got[0])
-    return out
+    return state.reusable(now)
 
 
 def test_ranks_decide_from_the_sums_over_the_group():
-    from fluxrt.parallel import spawn
-
-    assert spawn(2, _decide, True, start_method="fork", timeout_s=60) == [True, True]  # 4.5% < 10% on both
-    assert spawn(2, _decide, False, start_method="fork", timeout_s=60) == [True, False]  # alone they disagree
+    assert spawn_all(2, _decide, True, timeout_s=60) == [True, True]  # 4.5% < 10% on both
+    assert spawn_all(2, _decide, False, timeout_s=60) == [True, False]  # alone they disagree
