@@ -69,10 +69,11 @@ def as_graph(fn):
     return graph.replay
 
 
-def exchange(x, start, finish, ex, work=None) -> torch.Tensor:
-    """One all-to-all of `x` over the world (`ex`: None = NCCL), with `work()` issued while it is in flight. The
-    copy-engine exchange starts with `begin` (its barrier): replays of one captured exchange reuse one buffer."""
-    if ex is not None:
+def exchange(x, start, finish, ex, work=None, replayed: bool = False) -> torch.Tensor:
+    """One all-to-all of `x` over the world (`ex`: None = NCCL), with `work()` issued while it is in flight.
+    `replayed` (a CUDA graph's capture): the copy-engine exchange starts with `begin`, its barrier, since the
+    replays of one captured exchange reuse one buffer (called eagerly, exchanges take the two in turn)."""
+    if ex is not None and replayed:
         ex.begin(x.device)
     pending = start(x, dist.group.WORLD, ex)
     if work is not None:
@@ -113,8 +114,9 @@ def main(argv=None):
             mm_ms = _ms(wrap(mm), args.iters)[0]
             for transport, ex in (("nccl", None), ("copy-engine", ce), ("copy-engine-push", ce_push)):
                 got[transport] = exchange(x, start, finish, ex).clone()  # push: a view of a reused buffer
-                a2a, host = _ms(wrap(functools.partial(exchange, x, start, finish, ex)), args.iters)
-                together = _ms(wrap(functools.partial(exchange, x, start, finish, ex, mm)), args.iters)[0]
+                one = functools.partial(exchange, x, start, finish, ex, replayed=args.cuda_graph)
+                a2a, host = _ms(wrap(one), args.iters)
+                together = _ms(wrap(functools.partial(one, work=mm)), args.iters)[0]
                 row = {"size": size, "message": name, "transport": transport, "ranks": n,
                        "cuda_graph": args.cuda_graph, "bytes_per_rank": x.numel() * x.element_size(), "a2a_ms": a2a,
                        "a2a_host_ms": host, "mm_ms": mm_ms, "together_ms": together,
