@@ -4,8 +4,8 @@
         --sizes 1024 2048 --out $OUT/all_to_all.json
 
 For dev (48 heads x 128) at each size (image tokens + 512 text tokens, split over the ranks) and each transport
-("nccl": NCCL's all-to-all kernels; "copy-engine": `fluxrt.parallel.copy_engine`, pulls; "copy-engine-push": its
-push mode), the two exchanges of a single block: q, k, v to head shards (`seq_to_heads_*`, with the MLP up
+("nccl": NCCL's all-to-all kernels; "copy-engine-pull" and "copy-engine-push": `fluxrt.parallel.copy_engine`
+in its two modes; the tenth session's rows named the pull mode "copy-engine"), the two exchanges of a single block: q, k, v to head shards (`seq_to_heads_*`, with the MLP up
 product, tokens/n x 6144 @ 6144 x 36864, as the work beside it) and the attention output back (`heads_to_seq_*`,
 with the down product, 18432 -> 6144). Timed on
 rank 0 with CUDA events, --iters back-to-back repetitions after a warm-up, in ms per repetition:
@@ -105,14 +105,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     info = init_from_env()
     n = info.world_size
-    ce, ce_push = CopyEngineExchange(dist.group.WORLD), CopyEngineExchange(dist.group.WORLD, push=True)
+    ce_pull, ce_push = (CopyEngineExchange(dist.group.WORLD, push=push) for push in (False, True))
     rows = []
     for size in args.sizes:
         for name, x, start, finish, mm in cases(size, n, info.device):
             got = {}
             wrap = as_graph if args.cuda_graph else (lambda fn: fn)
             mm_ms = _ms(wrap(mm), args.iters)[0]
-            for transport, ex in (("nccl", None), ("copy-engine", ce), ("copy-engine-push", ce_push)):
+            for transport, ex in (("nccl", None), ("copy-engine-pull", ce_pull), ("copy-engine-push", ce_push)):
                 got[transport] = exchange(x, start, finish, ex).clone()  # push: a view of a reused buffer
                 one = functools.partial(exchange, x, start, finish, ex, replayed=args.cuda_graph)
                 a2a, host = _ms(wrap(one), args.iters)

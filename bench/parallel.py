@@ -8,9 +8,13 @@ Plans (the product of the numbers must be the world size, except "1"):
   spN        Ulysses sequence parallel over N ranks        ringN    ring attention over N ranks
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
-  PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
-  PLAN:ce        a Ulysses plan with `--transport copy-engine` (all-to-alls on copy engines); sp4:overlap:ce both
-  PLAN:cepush    the same with each rank writing into its peers' buffers (`CopyEngineExchange(push=True)`)
+  PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls, the
+                 double blocks' all-to-alls split behind their own products)
+  PLAN:overlapsingle  the single blocks' overlap alone (`--overlap` before the eleventh session)
+  PLAN:ce        a Ulysses plan with `--transport copy-engine` (all-to-alls on copy engines, each rank writing
+                 into its peers' buffers); sp4:overlap:ce both
+  PLAN:cepull    the same with each rank reading from its peers' buffers (`CopyEngineExchange(push=False)`; what
+                 `:ce` was in the tenth session)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -69,7 +73,7 @@ def parse_plan(name: str) -> tuple[int, int, str, int]:
 
 
 def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False,
-          overlap: bool = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
+          overlap: bool | str = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
     `fluxrt generate --quant fp8 --compile [--overlap]` does, fp8 linears, the sequence-parallel wrapper and
     compiled blocks (ring's send/recv as graph breaks)."""
@@ -99,7 +103,7 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 
 @torch.no_grad()
-def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False,
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool | str = False,
           transport: str = "nccl") -> dict:  # fmt: skip
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
     same weights in one process (bf16)."""
@@ -190,16 +194,19 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
+VARIANTS = ("overlap", "overlapsingle", "ce", "cepull")
+
+
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
              mode: str = "embedded", images: int = 1, profile_steps: int = 0,
              cuda_graph: bool = False) -> dict | None:  # fmt: skip
     base, *variants = name.split(":")
     for variant in variants:
-        if variant not in ("overlap", "ce", "cepush"):
-            raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: overlap, ce, cepush (e.g. "
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: {', '.join(VARIANTS)} (e.g. "
                              f"sp4:overlap)")  # fmt: skip
-    overlap = "overlap" in variants
-    transport = "copy-engine-push" if "cepush" in variants else "copy-engine" if "ce" in variants else "nccl"
+    overlap = "single" if "overlapsingle" in variants else "overlap" in variants
+    transport = "copy-engine-pull" if "cepull" in variants else "copy-engine" if "ce" in variants else "nccl"
     sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch
     if gpus not in (1, info.world_size):

@@ -1,12 +1,14 @@
 """All-to-all on the GPUs' copy engines, through symmetric memory: Ulysses' head exchange without NCCL kernels.
 
 NCCL's all-to-all runs as kernels on the SMs; overlapped with the single blocks' MLP products (`--overlap`) it
-slowed them by about what it hid (docs/PARALLEL.md). Here every rank writes what it sends into a buffer that every
-rank of the group can read (PyTorch's symmetric memory: peer-to-peer mappings over NVLink, no multicast), and then
-pulls its own chunk from each peer with plain device-to-device copies, which the GPU runs on its copy engines:
-no SM is taken from the matmuls running beside them. One barrier (a tiny kernel) per exchange: every buffer is
-packed before anyone reads it; two buffers per shape, used in turn, keep a buffer from being packed again before
-every peer has read it.
+slowed them by about what it hid (docs/PARALLEL.md). Here every rank has a buffer that every rank of the group can
+read and write (PyTorch's symmetric memory: peer-to-peer mappings over NVLink, no multicast), and each rank writes
+its chunk for rank i straight into rank i's buffer with a plain device-to-device copy, which the GPU runs on its
+copy engines: no SM is taken from the matmuls running beside them. One barrier (a tiny kernel) per exchange, after
+the writes: every chunk has arrived before anyone reads its buffer; two buffers per shape, used in turn, keep a
+buffer from being written again before its owner has read it. (Pull mode, `push=False`: each rank packs its own
+buffer, the barrier, then each rank copies its chunks from the peers' buffers; 2.7% slower per 1024² image on
+4 H200s, where its barrier kernel waits ahead of the copies, bench/RESULTS.md.)
 
     ex = CopyEngineExchange(group)
     out = ex.start(send)   # send (n, ...): chunk i goes to rank i
@@ -30,7 +32,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-TRANSPORTS = ("nccl", "copy-engine")
+TRANSPORTS = ("nccl", "copy-engine")  # offered on the command line; "copy-engine-pull" too, to compare
 
 
 class SymmetricBuffer:
@@ -99,18 +101,19 @@ class CopyEngineExchange:
     """All-to-all over `group` through symmetric memory (see the module's docstring).
 
     buffer: the buffer class (default `SymmetricBuffer`, which needs CUDA; `SharedFileBuffer` on the CPU).
-    One barrier per exchange: exchanges of the same shape alternate between two buffers, and a rank packs buffer
-    i again (two exchanges later) only after the exchange in between has passed its barrier on every rank, which
-    each rank reaches after its pulls from buffer i.
-    push: instead of packing its own buffer and pulling from the peers' after the barrier, each rank writes its
-    chunks straight into the peers' buffers (the copies start as soon as `send` is ready, with no kernel before
-    them) and the barrier comes after; `start` then returns this rank's buffer itself, valid until the second
-    exchange of the same shape after it (the same two-buffer argument: a peer writes buffer i again only after
-    the exchange in between, which every rank enters after reading buffer i). Not timed yet (bench/parallel.py
-    plan variant `:cepush`).
+    push (default): each rank writes its chunks straight into the peers' buffers (the copies start as soon as
+    `send` is ready, with no kernel before them), then the barrier; `start` returns this rank's buffer itself,
+    valid until the second exchange of the same shape after it. Exchanges of the same shape alternate between
+    two buffers, and a peer writes buffer i again only after a barrier that this rank enters after reading
+    buffer i: the exchange in between, when each result is read before the next exchange starts (Ulysses'
+    single blocks); `OverlappedDoubleBlock` starts two before reading either, and the barrier of its attention's
+    return exchange, which every rank enters after its attention has read both, comes before the next block's.
+    push=False (pull): each rank packs its own buffer, the barrier, then pulls chunk r of every rank r's buffer
+    into a new tensor; a rank packs buffer i again only after the exchange in between has passed its barrier,
+    which each rank reaches after its pulls from buffer i.
     """
 
-    def __init__(self, group=None, buffer=None, push: bool = False):
+    def __init__(self, group=None, buffer=None, push: bool = True):
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.buffer, self.push = buffer, push
@@ -222,13 +225,14 @@ def _follow(stream, other) -> None:
 
 def make_exchange(transport, group):
     """Transport name -> exchange: "nccl" -> None (functional collectives), "copy-engine" -> a
-    `CopyEngineExchange`; an exchange is returned as it is."""
+    `CopyEngineExchange` (push mode), "copy-engine-pull" -> one in pull mode (bench variant `:cepull`, not on the
+    command line: slower); an exchange is returned as it is."""
     if transport is None or transport == "nccl":
         return None
     if transport == "copy-engine":
         return CopyEngineExchange(group)
-    if transport == "copy-engine-push":  # not offered on the command line until timed (bench variant :cepush)
-        return CopyEngineExchange(group, push=True)
+    if transport == "copy-engine-pull":
+        return CopyEngineExchange(group, push=False)
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")

@@ -52,11 +52,13 @@ def add_arguments(p) -> None:
                    "halves or --num-images; see docs/PARALLEL.md)")  # fmt: skip
     p.add_argument("--overlap", action="store_true",
                    help="Ulysses plans: the single blocks run their MLP products while their all-to-alls are in "
-                   "flight (same weights and result up to rounding order; docs/PARALLEL.md)")  # fmt: skip
+                   "flight, the double blocks split theirs behind their own products (same weights and result up "
+                   "to rounding order; docs/PARALLEL.md)")  # fmt: skip
     p.add_argument("--transport", choices=TRANSPORTS, default="nccl",
                    help="how Ulysses' all-to-alls move data: nccl (NCCL's kernels, default) or copy-engine (peer "
                    "copies on the GPUs' copy engines through symmetric memory, no SMs taken from the matmuls; CUDA "
-                   "only; with --overlap 2-3%% faster than nccl at 1024² on 4 H200s, docs/PARALLEL.md)")  # fmt: skip
+                   "only; with --overlap faster than nccl at 1024² on 4 H200s, "
+                   "docs/PARALLEL.md)")  # fmt: skip
 
 
 class BroadcastTextEncoder(nn.Module):
