@@ -8,9 +8,7 @@ Plans (the product of the numbers must be the world size, except "1"):
   spN        Ulysses sequence parallel over N ranks        ringN    ring attention over N ranks
   tpN        tensor parallel over N ranks                  spAtpB / ringAtpB   A-way SP x B-way TP mesh
   batchN     each forward's batch rows over N ranks (`BatchParallel`: a CFG model's two halves, --images)
-  PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls, the
-                 double blocks' all-to-alls split behind their own products)
-  PLAN:overlapsingle  the single blocks' overlap alone (`--overlap` before the eleventh session)
+  PLAN:overlap   a Ulysses plan with `--overlap` (single blocks' MLP products run during their all-to-alls)
   PLAN:ce        a Ulysses plan with `--transport copy-engine` (all-to-alls on copy engines, each rank writing
                  into its peers' buffers); sp4:overlap:ce both
   PLAN:cepull    the same with each rank reading from its peers' buffers (`CopyEngineExchange(push=False)`; what
@@ -72,8 +70,8 @@ def parse_plan(name: str) -> tuple[int, int, str, int]:
     return plan.sp, plan.tp, plan.attention, plan.batch
 
 
-def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool = False,
-          overlap: bool | str = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
+def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool | str = False,
+          overlap: bool = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
     `fluxrt generate --quant fp8 --compile [--overlap]` does, fp8 linears, the sequence-parallel wrapper and
     compiled blocks (ring's send/recv as graph breaks)."""
@@ -91,7 +89,7 @@ def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile:
     if mesh is not None and mesh.sp > 1:  # before compiling: overlapped blocks compile with their own options
         wrapped = SequenceParallel(model, mesh.sp_group, attn, overlap=overlap, transport=transport)
     if compile:
-        compile_transformer(model, fullgraph=mesh is None)
+        compile_transformer(model, None if compile is True else compile, fullgraph=mesh is None)
     return wrapped
 
 
@@ -103,7 +101,7 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 
 @torch.no_grad()
-def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool | str = False,
+def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False,
           transport: str = "nccl") -> dict:  # fmt: skip
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
     same weights in one process (bf16)."""
@@ -194,10 +192,10 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
-VARIANTS = ("overlap", "overlapsingle", "ce", "cepull")
+VARIANTS = ("overlap", "ce", "cepull")
 
 
-def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool = False,
+def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
              mode: str = "embedded", images: int = 1, profile_steps: int = 0,
              cuda_graph: bool = False) -> dict | None:  # fmt: skip
     base, *variants = name.split(":")
@@ -205,7 +203,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
         if variant not in VARIANTS:
             raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: {', '.join(VARIANTS)} (e.g. "
                              f"sp4:overlap)")  # fmt: skip
-    overlap = "single" if "overlapsingle" in variants else "overlap" in variants
+    overlap = "overlap" in variants
     transport = "copy-engine-pull" if "cepull" in variants else "copy-engine" if "ce" in variants else "nccl"
     sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch
@@ -244,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
     ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; TP shards them after)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
+    ap.add_argument("--compile-mode", default=None, help="with --compile: torch.compile's mode (e.g. "
+                    "max-autotune-no-cudagraphs; the overlapped blocks keep their own options beside it)")
     ap.add_argument("--images", type=int, default=1, help="images per sample() (a batch plan splits them)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay each plan's forward as one CUDA graph "
                     "(`CUDAGraphStep`, after compiling; collectives and copy-engine exchanges captured)")  # fmt: skip
@@ -257,7 +257,8 @@ def main(argv=None):
         base = None
         for name in args.plans:
             steps = args.base_steps if name == "1" and args.base_steps else args.steps
-            res = run_plan(name, cfg, size, steps, info, args.fp8, args.compile, spec.guidance_mode, args.images,
+            compile = (args.compile_mode or True) if args.compile else False
+            res = run_plan(name, cfg, size, steps, info, args.fp8, compile, spec.guidance_mode, args.images,
                            args.profile_steps, args.cuda_graph)  # fmt: skip
             if dist.is_initialized():
                 dist.barrier()
@@ -280,7 +281,7 @@ def run_info(device, args) -> dict:
         "torch": torch.__version__, "python": platform.python_version(),
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None, "nccl_env": nccl_env(),
-        "date": datetime.date.today().isoformat(), "impl": f"fluxrt {'compiled' if args.compile else 'eager'} {'fp8' if args.fp8 else 'bf16'} (SDPA local attention){' CUDA graph' if args.cuda_graph else ''}",
+        "date": datetime.date.today().isoformat(), "impl": f"fluxrt {'compiled' if args.compile else 'eager'}{f' ({args.compile_mode})' if args.compile and args.compile_mode else ''} {'fp8' if args.fp8 else 'bf16'} (SDPA local attention){' CUDA graph' if args.cuda_graph else ''}",
     }  # fmt: skip
 
 

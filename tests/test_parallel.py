@@ -146,7 +146,7 @@ def test_compiled_sequence_parallel_equals_single_process():
 
 
 def _overlap_worker(sp: int, tp: int, refs: bool) -> tuple[float, int]:
-    """Ulysses with overlapped blocks (`overlap=True`) against one process; also how many blocks swapped."""
+    """Ulysses with overlapped single blocks (`overlap=True`) against one process; also how many blocks swapped."""
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
     with torch.no_grad():
@@ -161,13 +161,12 @@ def _overlap_worker(sp: int, tp: int, refs: bool) -> tuple[float, int]:
 def test_overlapped_ulysses_equals_single_process(n, sp, tp, refs):
     diff, swapped = _run(n, _overlap_worker, sp, tp, refs)
     assert diff < TOL
-    # every double block gets the overlapped forward (it calls its modules); single blocks with plain weights do,
-    # tensor-parallel ones keep the block's own (with its all-reduce)
-    assert swapped == TINY.transformer.depth + (TINY.transformer.depth_single_blocks if tp == 1 else 0)
+    # plain weights get the overlapped forward; tensor-parallel ones keep the block's own (with its all-reduce)
+    assert swapped == (TINY.transformer.depth_single_blocks if tp == 1 else 0)
 
 
-def _collective_order_worker(overlap: bool, blocks: str = "single_blocks") -> list[str]:
-    """A block's compiled graph (dynamo capture) as a sequence of all-to-all / wait / matmul events."""
+def _collective_order_worker(overlap: bool) -> list[str]:
+    """The single block's compiled graph (dynamo capture) as a sequence of all-to-all / wait / matmul events."""
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(False)
     graphs = []
@@ -177,7 +176,7 @@ def _collective_order_worker(overlap: bool, blocks: str = "single_blocks") -> li
         return gm.forward
 
     par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=overlap)
-    getattr(model, blocks)[0].compile(backend=capture, fullgraph=True)
+    model.single_blocks[0].compile(backend=capture, fullgraph=True)
     with torch.no_grad():
         par(*inputs[:5], guidance=inputs[5])
     events = []
@@ -210,21 +209,7 @@ def test_overlapped_block_issues_matmuls_while_all_to_alls_are_in_flight():
     assert _between(overlapped) == [1, 1]  # the MLP's up product, then its down product, run during the transfers
 
 
-def _events(events: list[str]) -> str:
-    return "".join({"a2a": "A", "wait": "W", "mm": "m"}[e] for e in events)
-
-
-def test_overlapped_double_block_splits_its_transfers_behind_its_own_matmuls():
-    plain = _events(_run(2, _collective_order_worker, False, "double_blocks"))
-    overlapped = _events(_run(2, _collective_order_worker, True, "double_blocks"))
-    assert plain == "mmAWAWmmmmmm", plain  # q, k, v of both streams, then each transfer waited on at once
-    # the first half's q, k, v travel while the text's and the second half's are computed; the attention's output
-    # of the text and second half travels during the first half's attention (not a matmul here), the first half's
-    # during the text stream's projection and MLP; the image stream's projection and MLP then run on all its rows
-    assert overlapped == "mAmmAWWAAWmmmWmmm", overlapped
-
-
-def _inductor_order_worker(blocks: str = "single_blocks") -> str:
+def _inductor_order_worker() -> str:
     """The overlapped block compiled by inductor as `compile_transformer` does: its generated code as a string of
     A (all-to-all started), W (waited on), m (matmul)."""
     from torch._inductor.utils import run_and_get_code
@@ -233,9 +218,9 @@ def _inductor_order_worker(blocks: str = "single_blocks") -> str:
 
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(False)
-    model.single_blocks, model.double_blocks = model.single_blocks[:1], model.double_blocks[:1]
+    model.single_blocks = model.single_blocks[:1]
     par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=True)
-    compile_transformer(getattr(model, blocks)[0], scope="model")
+    compile_transformer(model.single_blocks[0], scope="model")
     with torch.no_grad():
         code = run_and_get_code(lambda: par(*inputs[:5], guidance=inputs[5]))[1][-1]
     tags = {"all_to_all_single.default(": "A", "wait_tensor.default(": "W", "extern_kernels.mm(": "m"}
@@ -248,15 +233,6 @@ def test_compiled_overlapped_block_keeps_its_matmuls_behind_the_transfers():
     assert order.count("A") == order.count("W") == 2, order
     windows = [w.split("W")[0] for w in order.split("A")[1:]]  # what runs between each start and its wait
     assert ["m" in w for w in windows] == [True, True], order  # MLP up product during q, k, v; down during output
-
-
-@pytest.mark.skipif(not _has_cpu_compiler(), reason="inductor on the CPU needs a C++ compiler")
-def test_compiled_overlapped_double_block_keeps_its_matmuls_behind_the_transfers():
-    order = _run(2, _inductor_order_worker, "double_blocks")
-    assert order.count("A") == order.count("W") == 4, order
-    first, back1 = order.split("A")[1], order.split("A")[4]  # after the first start; after the last start
-    assert first.split("A")[0].count("m") >= 2, order  # the text's and the second half's q, k, v products
-    assert back1.split("W")[1].count("m") >= 3, order  # the text stream's projection and MLP before the last wait
 
 
 def _sharded_load_worker(path: str, tp: int) -> tuple[float, float, float, list[str]]:
@@ -523,3 +499,23 @@ def test_flash_block_attention_matches_fp32_math():
     out, lse = block_attention(q, k, v)
     ref_out, ref_lse = block_attention(q.float(), k.float(), v.float())
     assert (out - ref_out).abs().max() < 2e-2 and (lse - ref_lse).abs().max() < 1e-2
+
+
+@pytest.mark.skipif(not _has_cpu_compiler(), reason="inductor on the CPU needs a C++ compiler")
+def test_a_compile_mode_keeps_the_overlapped_blocks_options(monkeypatch):
+    """torch.compile takes a mode or options, not both: the overlapped blocks get the mode's options and theirs."""
+    from fluxrt.accel import compile_transformer
+    from fluxrt.models.transformer import DoubleStreamBlock
+    from fluxrt.parallel.sp import OverlappedSingleBlock, overlap_single_blocks
+
+    seen = {}
+    for cls in (OverlappedSingleBlock, DoubleStreamBlock):
+        monkeypatch.setattr(cls, "compile", lambda self, **kw: seen.setdefault(type(self).__name__, kw))
+    model = tiny_flow(guidance_embed=True)
+    assert overlap_single_blocks(model) == TINY.transformer.depth_single_blocks
+    compile_transformer(model, "max-autotune-no-cudagraphs")
+    assert seen["DoubleStreamBlock"]["mode"] == "max-autotune-no-cudagraphs"
+    single = seen["OverlappedSingleBlock"]
+    assert "mode" not in single, single
+    assert single["options"] == {"max_autotune": True, "coordinate_descent_tuning": True,
+                                 "reorder_for_peak_memory": False, "reorder_for_locality": False}  # fmt: skip

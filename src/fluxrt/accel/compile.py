@@ -78,11 +78,17 @@ def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph:
     if mode not in (None, "default"):
         kwargs["mode"] = mode
     for region in compile_regions(model, scope):
-        # a region may ask inductor for options (OverlappedSingleBlock: keep its collectives' overlap); a mode
-        # sets options of its own, so then the mode wins
+        # a region may ask inductor for options (OverlappedSingleBlock: keep its collectives' overlap); torch takes
+        # a mode or options, not both, so a mode is passed as its options with the region's added
         extra = getattr(region, "compile_options", None)
-        opts = {"options": extra} if extra and backend == "inductor" and "mode" not in kwargs else {}
-        region.compile(**kwargs, **opts)  # nn.Module.compile: wraps __call__ in place, keeps the module and its keys
+        if extra and backend == "inductor":
+            from torch._inductor import list_mode_options
+
+            args = {k: v for k, v in kwargs.items() if k != "mode"}
+            mode_options = list_mode_options(kwargs["mode"], dynamic) if "mode" in kwargs else {}
+            region.compile(**args, options=mode_options | extra)
+        else:
+            region.compile(**kwargs)  # nn.Module.compile: wraps __call__ in place, keeps the module and its keys
     return model
 
 

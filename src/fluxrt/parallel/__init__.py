@@ -29,7 +29,7 @@ from .tp import RowParallelLinear, apply_tensor_parallel
 
 
 def parallelize(model: nn.Module, mesh: Mesh, attention: str = "ulysses", inner: str = "sdpa",
-                overlap: bool | str = False, transport="nccl") -> nn.Module:  # fmt: skip
+                overlap: bool = False, transport="nccl") -> nn.Module:  # fmt: skip
     """Tensor parallel over mesh.tp_group (if tp > 1 and the model was not loaded sharded over it), then sequence
     parallel over mesh.sp_group (if sp > 1; `overlap`, `transport`: see `SequenceParallel`)."""
     if mesh.tp > 1 and getattr(model, "tensor_parallel", 1) != mesh.tp:

@@ -105,9 +105,7 @@ class CopyEngineExchange:
     `send` is ready, with no kernel before them), then the barrier; `start` returns this rank's buffer itself,
     valid until the second exchange of the same shape after it. Exchanges of the same shape alternate between
     two buffers, and a peer writes buffer i again only after a barrier that this rank enters after reading
-    buffer i: the exchange in between, when each result is read before the next exchange starts (Ulysses'
-    single blocks); `OverlappedDoubleBlock` starts two before reading either, and the barrier of its attention's
-    return exchange, which every rank enters after its attention has read both, comes before the next block's.
+    buffer i: the exchange in between, since Ulysses reads each result before it starts the next exchange.
     push=False (pull): each rank packs its own buffer, the barrier, then pulls chunk r of every rank r's buffer
     into a new tensor; a rank packs buffer i again only after the exchange in between has passed its barrier,
     which each rank reaches after its pulls from buffer i.

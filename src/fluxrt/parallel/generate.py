@@ -52,8 +52,7 @@ def add_arguments(p) -> None:
                    "halves or --num-images; see docs/PARALLEL.md)")  # fmt: skip
     p.add_argument("--overlap", action="store_true",
                    help="Ulysses plans: the single blocks run their MLP products while their all-to-alls are in "
-                   "flight, the double blocks split theirs behind their own products (same weights and result up "
-                   "to rounding order; docs/PARALLEL.md)")  # fmt: skip
+                   "flight (same weights and result up to rounding order; docs/PARALLEL.md)")  # fmt: skip
     p.add_argument("--transport", choices=TRANSPORTS, default="nccl",
                    help="how Ulysses' all-to-alls move data: nccl (NCCL's kernels, default) or copy-engine (peer "
                    "copies on the GPUs' copy engines through symmetric memory, no SMs taken from the matmuls; CUDA "

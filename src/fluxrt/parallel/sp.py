@@ -36,7 +36,7 @@ from torch import nn
 
 from ..accel.cache import share_step_cache
 from ..models.attention import apply_rope, attention, attention_backend, register_attention_backend
-from ..models.transformer import DoubleStreamBlock, SelfAttention, SingleStreamBlock, modulate, split_heads
+from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
 from .copy_engine import CopyEngineExchange, make_exchange
 
 MODES = ("ulysses", "ring")
@@ -68,31 +68,17 @@ class Layout:
         vi = min(max(self.n_img - src * self.pi, 0), self.pi)
         return vt, vi
 
-    @property
-    def halves(self) -> tuple:
-        """How `OverlappedDoubleBlock` sends each rank's local tokens [txt | img]: the first half of the image
-        tokens, then the text and the rest of the image (local (start, stop) ranges, for `key_index`)."""
-        pt, a = self.pt, self.pi // 2
-        return (((pt, pt + a),), ((0, pt), (pt + a, pt + self.pi)))
-
-    def key_index(self, device, parts: tuple | None = None) -> torch.Tensor:
-        """Positions of the valid tokens in what an all-to-all gathers (cached): by default the n local sequences
-        laid end to end in rank order; with `parts` (tuples of local (start, stop) token ranges, each sent by one
-        all-to-all in turn) part by part, and within each part rank by rank."""
-        return _key_index(self, torch.device(device), parts or (((0, self.pt + self.pi),),))
+    def key_index(self, device) -> torch.Tensor:
+        """Positions of the valid tokens in the n local sequences laid end to end in rank order (cached)."""
+        return _key_index(self, torch.device(device))
 
 
 @functools.lru_cache(maxsize=16)
-def _key_index(layout: Layout, device: torch.device, parts: tuple) -> torch.Tensor:
-    idx, pos = [], 0
-    for part in parts:
-        for src in range(layout.world):
-            vt, vi = layout.valid(src)
-            for start, stop in part:
-                local = torch.arange(start, stop)
-                valid = (local < vt) | ((local >= layout.pt) & (local < layout.pt + vi))
-                idx.append(local[valid] - start + pos)
-                pos += stop - start
+def _key_index(layout: Layout, device: torch.device) -> torch.Tensor:
+    local, idx = layout.pt + layout.pi, []
+    for src in range(layout.world):
+        vt, vi = layout.valid(src)
+        idx += [torch.arange(vt) + src * local, torch.arange(vi) + src * local + layout.pt]
     return torch.cat(idx).to(device)
 
 
@@ -179,13 +165,8 @@ def ulysses_local(heads: torch.Tensor, layout: Layout, inner: str, key_index=Non
     if layout.padded:
         idx = layout.key_index(q.device) if key_index is None else key_index
         k, v = k.index_select(2, idx), v.index_select(2, idx)
-    return local_attention(q, k, v, inner)
-
-
-def local_attention(q, k, v, inner: str) -> torch.Tensor:
-    """(B, h/n, Lq, D) queries over (B, h/n, Lk, D) keys and values with the backend `inner` -> (B, h/n, Lq, D)."""
     with attention_backend(inner):
-        out = attention(q, k, v)  # (B, Lq, h/n * D)
+        out = attention(q, k, v)  # (B, n*Ls, h/n * D)
     return out.unflatten(-1, (q.shape[1], -1)).transpose(1, 2)
 
 
@@ -254,7 +235,6 @@ class _Call:
     inner: str
     key_index: torch.Tensor | None = None  # Ulysses' valid keys, made outside compiled blocks (an lru_cache)
     exchange: CopyEngineExchange | None = None  # Ulysses' transport: None = NCCL
-    halves_key_index: torch.Tensor | None = None  # the valid keys as `OverlappedDoubleBlock` gathers them
 
 
 _CALLS: list[_Call] = []  # the sharded forward in progress (a stack, so nested wrappers would also work)
@@ -320,67 +300,13 @@ class OverlappedSingleBlock(SingleStreamBlock):
         return x + gate * (F.linear(attn, w2[:, :hid]) + y)
 
 
-def _roped_qkv(attn: SelfAttention, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """(B, L, H) -> (3, B, heads, L, D): the stream's q, k (normed, rotated by `table`) and v, stacked to send."""
-    q, k, v = attn.qkv_heads(x)
-    return torch.stack([apply_rope(q, table), apply_rope(k, table), v])
-
-
-class OverlappedDoubleBlock(DoubleStreamBlock):
-    """A DoubleStreamBlock whose Ulysses all-to-alls run behind its own work (same weights, same function).
-
-    A double block has no work independent of its attention (its MLPs need the attention's output), so its
-    exchanges are split instead: q, k, v of the first half of the image tokens travel while those of the text and
-    the second half are computed, and the attention runs as two query groups, the text and second half first, so
-    that its output travels back while the first half's queries are attended to, and the first half's while the
-    text stream's projection and MLP run. The keys are gathered whole (attention waits for both halves); the
-    linears run on the same rows as before apart from q, k, v, computed per half. Only the order of the work and
-    the rounding of the split products change; any linear (tensor-parallel, quantized) works, since the block
-    calls its modules. Compiled like `OverlappedSingleBlock`, without inductor's reordering.
-    """
-
-    compile_options: ClassVar[dict] = OverlappedSingleBlock.compile_options
-
-    def forward(self, img, txt, pe, mod_img, mod_txt, kv=None):
-        c, a, nt = (_CALLS[-1] if _CALLS else None), img.shape[1] // 2, txt.shape[1]
-        if c is None or kv is not None or c.mode != "ulysses" or a == 0:
-            return super().forward(img, txt, pe, mod_img, mod_txt, kv)
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
-        ex, group = c.exchange, c.group
-        h = modulate(img, img_shift1, img_scale1)
-        first = seq_to_heads_start(_roped_qkv(self.img_attn, h[:, :a], pe[:, :, nt : nt + a]), group, ex)
-        txt_qkv = _roped_qkv(self.txt_attn, modulate(txt, txt_shift1, txt_scale1), pe[:, :, :nt])
-        rest = torch.cat([txt_qkv, _roped_qkv(self.img_attn, h[:, a:], pe[:, :, nt + a :])], dim=3)
-        second = seq_to_heads_start(rest, group, ex)  # the layout's `halves`, in this order
-        q1, k1, v1 = seq_to_heads_finish(first, ex).unbind(0)  # each (B, h/n, n*a, D)
-        q2, k2, v2 = seq_to_heads_finish(second, ex).unbind(0)  # each (B, h/n, n*(nt + L_img - a), D)
-        k, v = torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
-        if c.layout.padded:
-            idx = c.layout.key_index(k.device, c.layout.halves) if c.halves_key_index is None else c.halves_key_index
-            k, v = k.index_select(2, idx), v.index_select(2, idx)
-        back2 = heads_to_seq_start(local_attention(q2, k, v, c.inner), group, ex)
-        back1 = heads_to_seq_start(local_attention(q1, k, v, c.inner), group, ex)  # while back2 travels
-        out2 = heads_to_seq_finish(back2, ex).transpose(1, 2).flatten(2)  # (B, nt + L_img - a, H)
-        txt = txt + txt_gate1 * self.txt_attn.proj(out2[:, :nt])
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))  # while back1 travels
-        img_attn = torch.cat([heads_to_seq_finish(back1, ex).transpose(1, 2).flatten(2), out2[:, nt:]], dim=1)
-        img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        return img, txt
-
-
-def overlap_blocks(model: nn.Module, doubles: bool = True) -> int:
-    """Give the blocks of `model` their overlapped forward; returns how many: every SingleStreamBlock with plain
-    nn.Linear weights (its forward slices them) and, with `doubles`, every DoubleStreamBlock."""
-    singles = [m for m in model.modules() if type(m) is SingleStreamBlock]
-    plain = [b for b in singles if type(b.linear1) is nn.Linear and type(b.linear2) is nn.Linear]
+def overlap_single_blocks(model: nn.Module) -> int:
+    """Give every SingleStreamBlock of `model` with plain nn.Linear weights the overlapped forward; returns how many."""
+    blocks = [m for m in model.modules() if type(m) is SingleStreamBlock]
+    plain = [b for b in blocks if type(b.linear1) is nn.Linear and type(b.linear2) is nn.Linear]
     for b in plain:
         b.__class__ = OverlappedSingleBlock
-    double = [m for m in model.modules() if type(m) is DoubleStreamBlock] if doubles else []
-    for b in double:
-        b.__class__ = OverlappedDoubleBlock
-    return len(plain) + len(double)
+    return len(plain)
 
 
 def local_heads(model: nn.Module) -> int:
@@ -401,15 +327,14 @@ class SequenceParallel(nn.Module):
     "ring" (K/V passed around the ring; any head count, less memory per rank for very long sequences).
     inner: the attention backend Ulysses uses for its local full attention ("sdpa", "math", or a registered one).
     overlap: Ulysses only; the single blocks compute their MLP products while their all-to-alls are in flight
-    (`OverlappedSingleBlock`) and the double blocks split theirs (`OverlappedDoubleBlock`); "single": the single
-    blocks only (to compare); apply before compiling. transport: how Ulysses' all-to-alls move data, "nccl"
+    (`OverlappedSingleBlock`; apply before compiling). transport: how Ulysses' all-to-alls move data, "nccl"
     (NCCL's kernels) or "copy-engine" (`copy_engine.CopyEngineExchange`: symmetric memory and copy engines, CUDA,
     compile with fullgraph=False). Every rank passes the same full inputs and gets the same full (B, L_img, 128)
     output.
     """
 
     def __init__(self, model: nn.Module, group=None, attention: str = "ulysses", inner: str = "sdpa",
-                 overlap: bool | str = False, transport="nccl"):  # fmt: skip
+                 overlap: bool = False, transport="nccl"):  # fmt: skip
         super().__init__()
         if attention not in MODES:
             raise ValueError(f"unknown sequence-parallel attention {attention!r}; known: {', '.join(MODES)}")
@@ -420,10 +345,7 @@ class SequenceParallel(nn.Module):
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if attention == "ulysses":
             check_divisible(local_heads(model), self.world, "Ulysses: attention heads per rank")
-        if overlap not in (False, True, "single"):
-            raise ValueError(f"overlap must be True, False or 'single', got {overlap!r}")
-        on = overlap and attention == "ulysses"
-        self.overlapped = overlap_blocks(model, doubles=overlap is True) if on else 0
+        self.overlapped = overlap_single_blocks(model) if overlap and attention == "ulysses" else 0
         self.exchange = make_exchange(transport, self.group)
         share_step_cache(self, model, self.group)  # a step cache decides from every rank's tokens
 
@@ -437,12 +359,10 @@ class SequenceParallel(nn.Module):
             raise NotImplementedError("the klein KV-cache forward is not supported under sequence parallelism")
         layout = Layout(ctx.shape[1], x.shape[1], self.world)
         x, x_ids, ctx, ctx_ids = (shard_tokens(t, self.rank, self.world) for t in (x, x_ids, ctx, ctx_ids))
-        keys = halves = None
-        if layout.padded and self.mode == "ulysses":
-            keys, halves = layout.key_index(x.device), layout.key_index(x.device, layout.halves)
+        keys = layout.key_index(x.device) if layout.padded and self.mode == "ulysses" else None
         if self.exchange is not None:
             self.exchange.begin(x.device)
-        with _installed(_Call(layout, self.group, self.mode, self.inner, keys, self.exchange, halves)):
+        with _installed(_Call(layout, self.group, self.mode, self.inner, keys, self.exchange)):
             out = self.model(x, x_ids, timesteps, ctx, ctx_ids, guidance=guidance)  # (B, pi, 128)
         return gather_tokens(out, layout.n_img, self.group)
 
