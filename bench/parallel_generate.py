@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 
 import numpy as np
@@ -45,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu: CPU ranks over gloo (default: cuda if available)")
+    ap.add_argument("--flags", default="", help="more `fluxrt generate` options for the parallel runs, checked as "
+                    "the command line checks them, e.g. '--overlap --transport copy-engine --compile --cuda-graph'")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     argv = ["generate", a.prompt, "--seed", "0", "--size", str(a.size), "--quiet"]
@@ -59,11 +62,16 @@ def main(argv=None):
     rows = [{"plan": "1 process", "wall_s": time.perf_counter() - t0}]
     kind = rank_device_type(torch.device(a.device).type if a.device else None)
     for name in a.plans:
-        plan = choose_plan(ref.spec.transformer, a.gpus, name)
-        args.parallel = name
+        if a.flags:  # through the command line's own checks (`Launch.from_args`)
+            pargs = build_parser().parse_args(argv + ["--gpus", str(a.gpus), "--parallel", name, *shlex.split(a.flags)])
+            launch, pvalid = Launch.from_args(pargs, ref.spec, {}), validate(request_from_args(pargs, {}), ref.spec)
+        else:
+            pargs, pvalid = args, valid
+            launch = Launch(choose_plan(ref.spec.transformer, a.gpus, name), spawn=True, device_type=kind)
         t0 = time.perf_counter()
-        image = Launch(plan, spawn=True, device_type=kind).run(ref, args, valid, {})[0].image
-        rows.append({"plan": plan.name, "wall_s": time.perf_counter() - t0, **compare(image, single)})
+        image = launch.run(ref, pargs, pvalid, {})[0].image
+        rows.append({"plan": launch.plan.name, "flags": a.flags, "wall_s": time.perf_counter() - t0,
+                     **compare(image, single)})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     res = {"model": ref.spec.name, "size": a.size, "steps": valid.steps, "gpus": a.gpus, "device_type": kind,
            "card": torch.cuda.get_device_name() if kind == "cuda" else "cpu", "torch": torch.__version__,

@@ -229,3 +229,19 @@ def test_step_cache_bench_counts_skipped_steps_and_compares_images(tmp_path):
     assert res["steps"] == 3 and len(res["exact_runs_s"]) == 2
     assert row["skipped_fraction"] == pytest.approx(2 / 3) and row["identical_images"] == 0
     assert len(row["per_image_db"]) == 2 and row["min_db"] < 60
+
+
+def test_parallel_generate_passes_its_flags_through_the_command_lines_checks(tmp_path):
+    """bench/parallel_generate.py --flags: the parallel runs take `fluxrt generate` options, checked as the command
+    line checks them (`Launch.from_args`): --overlap runs on CPU ranks and gives one process's image; the
+    copy-engine transport is refused there, with the device named."""
+    import parallel_generate
+
+    out = tmp_path / "pg.json"
+    base = ["--gpus", "2", "--plans", "sp", "--size", "64", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    parallel_generate.main([*base, "--flags=--overlap"])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["plan"] for r in rows] == ["1 process", "sp2"] and rows[1]["flags"] == "--overlap"
+    assert rows[1]["max_abs"] <= 1, rows[1]
+    with pytest.raises(ValueError, match="needs CUDA GPUs.*cpu"):
+        parallel_generate.main([*base, "--flags=--transport copy-engine"])

@@ -7,8 +7,8 @@ its chunk for rank i straight into rank i's buffer with a plain device-to-device
 copy engines: no SM is taken from the matmuls running beside them. One barrier (a tiny kernel) per exchange, after
 the writes: every chunk has arrived before anyone reads its buffer; two buffers per shape, used in turn, keep a
 buffer from being written again before its owner has read it. (Pull mode, `push=False`: each rank packs its own
-buffer, the barrier, then each rank copies its chunks from the peers' buffers; 2.7% slower per 1024² image on
-4 H200s, where its barrier kernel waits ahead of the copies, bench/RESULTS.md.)
+buffer, the barrier, then each rank copies its chunks from the peers' buffers: 2.7% slower per 1024² image on
+4 H200s, bench/RESULTS.md.)
 
     ex = CopyEngineExchange(group)
     out = ex.start(send)   # send (n, ...): chunk i goes to rank i
