@@ -41,6 +41,29 @@ def test_exchange_is_an_all_to_all(n, strided, push):
             assert firsts == [100 * src + 3 * r + 1000 * rep for src in range(n)]
 
 
+def _landing_worker(push: bool) -> tuple[list[int], float]:
+    """`start(send, dim=2)` three times: chunk (2, 3, 4) from rank src must land at [:, :, src] of a (2, 3, n, 4)
+    result; returns its shape and the largest difference from what every rank sent (seeded, so known here)."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    ex, worst = CopyEngineExchange(buffer=SharedFileBuffer, push=push), 0.0
+
+    def sent(src: int, rep: int) -> torch.Tensor:
+        return torch.randn(n, 2, 3, 4, generator=torch.Generator().manual_seed(10 * src + rep))
+
+    for rep in range(3):
+        out = ex.wait(ex.start(sent(r, rep), dim=2))
+        expected = torch.stack([sent(src, rep)[r] for src in range(n)], dim=2)
+        worst = max(worst, (out - expected).abs().max().item())
+    return list(out.shape), worst
+
+
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_chunks_land_where_start_is_asked_to_put_them(n, push):
+    for shape, worst in spawn_all(n, _landing_worker, push):
+        assert shape == [2, 3, n, 4] and worst == 0
+
+
 def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False) -> float:
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
@@ -124,3 +147,28 @@ def _compiled_worker(push: bool) -> float:
 @pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
 def test_compiled_blocks_with_the_copy_engine_transport_equal_single_process(push):
     assert _run(2, _compiled_worker, push) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_copy_chunk_is_a_strided_copy_also_inside_a_cuda_graph():
+    """`copy_chunk` on CUDA (one cudaMemcpy2DAsync) writes what torch's strided copy writes, eagerly and replayed."""
+    from fluxrt.parallel.copy_engine import copy_chunk, landed_shape
+
+    n, dim = 4, 3
+    send = torch.randn(n, 3, 1, 6, 40, 128, device="cuda", dtype=torch.bfloat16)
+    out, ref = (torch.zeros(landed_shape(send.shape, dim), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for r in range(n):
+        copy_chunk(out.select(dim, r), send[r], dim)
+        ref.select(dim, r).copy_(send[r])
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref)
+    out.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for r in range(n):
+            copy_chunk(out.select(dim, r), send[r], dim)
+    send.mul_(2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref * 2)

@@ -24,7 +24,10 @@ stands in for symmetric memory on the CPU (gloo), so the tests run the same code
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import glob
+import math
 import os
 import shutil
 import tempfile
@@ -85,14 +88,27 @@ class SharedFileBuffer:
         dist.barrier(group=self.group)
 
 
-class _Slot:
-    """The two buffers exchanges of one shape alternate between, with their views made once: this rank's packed
-    send, and per source rank the chunk of its buffer meant for this rank."""
+def landed_shape(shape, dim: int) -> tuple:
+    """Shape of what `CopyEngineExchange.start(send, dim)` returns for a send of `shape` (n, *rest): the source
+    rank's index moved to position `dim` of rest (dim 0: the send's own shape)."""
+    n, *rest = shape
+    return (*rest[:dim], n, *rest[dim:])
 
-    def __init__(self, make, shape: torch.Size, rank: int, n: int):
+
+class _Slot:
+    """The two buffers exchanges of one shape alternate between, with their views made once. Push: this rank's
+    buffer as what it returns (chunks landed at `dim`), and per destination rank where this rank's chunk goes in
+    that rank's buffer. Pull: this rank's packed send, and per source rank the chunk of its buffer meant for it."""
+
+    def __init__(self, make, shape: torch.Size, rank: int, n: int, push: bool, dim: int):
         self.buffers = [make(), make()]
-        self.local = [b.local.view(shape) for b in self.buffers]
-        self.remote = [[b.remote(src).view(shape)[rank] for src in range(n)] for b in self.buffers]
+        if push:
+            landed = landed_shape(shape, dim)
+            self.local = [b.local.view(landed) for b in self.buffers]
+            self.remote = [[b.remote(d).view(landed).select(dim, rank) for d in range(n)] for b in self.buffers]
+        else:
+            self.local = [b.local.view(shape) for b in self.buffers]
+            self.remote = [[b.remote(src).view(shape)[rank] for src in range(n)] for b in self.buffers]
         self.turn = 0
         self.last = None  # (event, recorded in a CUDA graph capture) ending the latest exchange of this shape
 
@@ -109,22 +125,24 @@ class CopyEngineExchange:
     push=False (pull): each rank packs its own buffer, the barrier, then pulls chunk r of every rank r's buffer
     into a new tensor; a rank packs buffer i again only after the exchange in between has passed its barrier,
     which each rank reaches after its pulls from buffer i.
+    land: Ulysses asks for its q, k, v to land in head order (`start(send, dim)`), no permute kernel after;
+    False: they land rank by rank and a kernel permutes them (to compare: bench variant `:ceflat`).
     """
 
-    def __init__(self, group=None, buffer=None, push: bool = True):
+    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True):
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        self.buffer, self.push = buffer, push
+        self.buffer, self.push, self.land = buffer, push, land
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
         self._pending: dict[int, tuple] = {}  # id(out) -> (out, event, send while pushes read it) until `wait`
 
-    def _slot(self, send: torch.Tensor) -> _Slot:
-        key = (tuple(send.shape), send.dtype, send.device)
+    def _slot(self, send: torch.Tensor, dim: int) -> _Slot:
+        key = (tuple(send.shape), send.dtype, send.device, dim)
         if key not in self._slots:
             make = functools.partial(self._make, send.numel(), send.dtype, send.device)
-            self._slots[key] = _Slot(make, send.shape, self.rank, self.n)
+            self._slots[key] = _Slot(make, send.shape, self.rank, self.n, self.push, dim)
         return self._slots[key]
 
     @torch.compiler.disable
@@ -147,11 +165,21 @@ class CopyEngineExchange:
         return cls(numel, dtype, device, self.group)
 
     @torch.compiler.disable
-    def start(self, send: torch.Tensor) -> torch.Tensor:
-        """(n, ...) send -> (n, ...) receive buffer, filled asynchronously; read it only through `wait`."""
+    def start(self, send: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """(n, *rest) contiguous send -> receive buffer, filled asynchronously; read it only through `wait`.
+
+        dim: where the chunks land: the result has shape `landed_shape(send.shape, dim)`, and `.select(dim, r)` of
+        it is what rank r sent. dim 0: (n, *rest), chunk r at [r]; dim k: the chunks interleaved in the layout the
+        caller reads, so that no permute copy follows (Ulysses' q, k, v land as (3, B, h/n, n, Ls, D), tokens in
+        rank order: a free reshape to (3, B, h/n, n*Ls, D)); each chunk then arrives as one 2-D copy (rows of
+        prod(rest[dim:]) elements), still on the copy engines.
+        """
         if send.shape[0] != self.n:
             raise ValueError(f"all-to-all over {self.n} ranks needs dim 0 of size {self.n}, got {tuple(send.shape)}")
-        slot = self._slot(send)
+        if not 0 <= dim < send.dim():
+            raise ValueError(f"dim {dim} is outside the {send.dim() - 1} dims a chunk of {tuple(send.shape)} has")
+        send = send if dim == 0 else send.contiguous()  # chunks as whole rows for the 2-D copies
+        slot = self._slot(send, dim)
         turn, slot.turn = slot.turn, 1 - slot.turn
         local, remote = slot.local[turn], slot.remote[turn]
         cuda = send.device.type == "cuda"
@@ -164,17 +192,17 @@ class CopyEngineExchange:
         if slot.last is not None and slot.last[1] == capturing:  # (an event from before a CUDA graph capture
             main.wait_event(slot.last[0])  # cannot be waited on inside it; what it guards came before the graph)
         streams = self._streams if cuda else [None] * self.n
-        out = (self._push if self.push else self._pull)(send, slot.buffers[turn], local, remote, streams, main)
+        out = (self._push if self.push else self._pull)(send, slot.buffers[turn], local, remote, streams, main, dim)
         if cuda:  # the exchange before this one passed its barrier: the next one may reuse this buffer
             slot.last = (streams[0].record_event(), capturing)
             self._pending[id(out)] = (out, slot.last[0], send if self.push else None)  # pushes read `send`
         return out
 
-    def _pull(self, send, buf, local, remote, streams, main) -> torch.Tensor:
+    def _pull(self, send, buf, local, remote, streams, main, dim) -> torch.Tensor:
         """Pack `send` into this rank's buffer, the barrier, then chunk r of every rank r's buffer; a new tensor."""
         local.copy_(send)  # pack (contiguous: a device-to-device copy, on the current stream)
-        out = torch.empty(send.shape, dtype=send.dtype, device=send.device)
-        out[self.rank].copy_(local[self.rank])
+        out = torch.empty(landed_shape(send.shape, dim), dtype=send.dtype, device=send.device)
+        copy_chunk(out.select(dim, self.rank), local[self.rank], dim)
         fence = streams[0]
         _follow(fence, main)
         with _on(fence):
@@ -183,19 +211,19 @@ class CopyEngineExchange:
             src, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, fence)
             with _on(stream):
-                out[src].copy_(remote[src])  # device-to-device from a peer's memory: a copy engine
+                copy_chunk(out.select(dim, src), remote[src], dim)  # from a peer's memory: a copy engine
             _follow(fence, stream)
         return out
 
-    def _push(self, send, buf, local, remote, streams, main) -> torch.Tensor:
+    def _push(self, send, buf, local, remote, streams, main, dim) -> torch.Tensor:
         """Chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer (`local`)."""
-        local[self.rank].copy_(send[self.rank])
+        copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
         fence = streams[0]
         for i in range(1, self.n):
             dst, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, main)
             with _on(stream):
-                remote[dst].copy_(send[dst])  # into rank dst's buffer, at this rank's chunk
+                copy_chunk(remote[dst], send[dst], dim)  # into rank dst's buffer, at this rank's chunk
             _follow(fence, stream)
         _follow(fence, main)
         with _on(fence):
@@ -209,6 +237,38 @@ class CopyEngineExchange:
         if entry is not None:
             torch.cuda.current_stream().wait_event(entry[1])
         return out
+
+
+def copy_chunk(dst: torch.Tensor, src: torch.Tensor, dim: int) -> None:
+    """dst = src, src contiguous, dst a `.select(dim, r)` view of a contiguous tensor: rows of prod(shape[dim:])
+    contiguous elements, one every `dst.stride(dim - 1)`. On CUDA one cudaMemcpy2DAsync on the current stream (the
+    copy engines; torch's `copy_` would run a strided copy as a kernel on the SMs); elsewhere `copy_`."""
+    if dim == 0 or not dst.is_cuda:
+        dst.copy_(src)
+        return
+    el = dst.element_size()
+    rows, width = math.prod(dst.shape[:dim]), math.prod(dst.shape[dim:]) * el
+    stream = torch.cuda.current_stream(dst.device).cuda_stream
+    err = _cudart().cudaMemcpy2DAsync(ctypes.c_void_p(dst.data_ptr()), ctypes.c_size_t(dst.stride(dim - 1) * el),
+                                      ctypes.c_void_p(src.data_ptr()), ctypes.c_size_t(width), ctypes.c_size_t(width),
+                                      ctypes.c_size_t(rows), 3, ctypes.c_void_p(stream))  # 3: device to device
+    if err:
+        raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err} copying {rows} rows of {width} bytes")
+
+
+@functools.cache
+def _cudart() -> ctypes.CDLL:
+    """The CUDA runtime torch already loaded (found by its soname), else the one in the nvidia wheels beside it."""
+    major = (torch.version.cuda or "").split(".")[0]
+    try:
+        return ctypes.CDLL(f"libcudart.so.{major}")
+    except OSError:
+        import nvidia  # the CUDA runtime wheel torch depends on
+
+        for root in nvidia.__path__:
+            for path in sorted(glob.glob(os.path.join(root, "*", "lib", f"libcudart.so.{major}*"))):
+                return ctypes.CDLL(path)
+        raise
 
 
 def _on(stream):
@@ -231,6 +291,8 @@ def make_exchange(transport, group):
         return CopyEngineExchange(group)
     if transport == "copy-engine-pull":
         return CopyEngineExchange(group, push=False)
+    if transport == "copy-engine-flat":  # bench variant :ceflat, to compare
+        return CopyEngineExchange(group, land=False)
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")

@@ -117,12 +117,18 @@ def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | No
     n = dist.get_world_size(group)
     s, b, h, ls, d = x.shape
     send = x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, S, B, h/n, Ls, D)
+    if exchange is not None and exchange.land:  # lands as (S, B, h/n, n, Ls, D): see `seq_to_heads_finish`
+        return exchange.start(send, dim=3)
     return _all_to_all(send, group, exchange)
 
 
 def seq_to_heads_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
-    """(n, S, B, h/n, Ls, D), recv[r] = rank r's tokens of my heads -> (S, B, h/n, n*Ls, D)."""
+    """(n, S, B, h/n, Ls, D), recv[r] = rank r's tokens of my heads -> (S, B, h/n, n*Ls, D); from the copy-engine
+    transport already (S, B, h/n, n, Ls, D), tokens in rank order, which needs no copy."""
     recv = _wait(recv, exchange)
+    if exchange is not None and exchange.land:
+        s, b, hl, n, ls, d = recv.shape
+        return recv.reshape(s, b, hl, n * ls, d)
     n, s, b, hl, ls, d = recv.shape
     return recv.permute(1, 2, 3, 0, 4, 5).reshape(s, b, hl, n * ls, d)
 
