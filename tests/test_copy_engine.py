@@ -64,14 +64,15 @@ def test_chunks_land_where_start_is_asked_to_put_them(n, push):
         assert shape == [2, 3, n, 4] and worst == 0
 
 
-def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False) -> float:
+def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False, land_output: bool = False,
+                    land: bool = True) -> float:  # fmt: skip
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
     with torch.no_grad():
         ref = model(*inputs[:5], guidance=inputs[5])
         mesh = make_mesh(sp, tp)
-        par = parallelize(model, mesh, "ulysses", overlap=overlap,
-                          transport=CopyEngineExchange(mesh.sp_group, buffer=SharedFileBuffer, push=push))  # fmt: skip
+        ex = CopyEngineExchange(mesh.sp_group, buffer=SharedFileBuffer, push=push, land=land, land_output=land_output)
+        par = parallelize(model, mesh, "ulysses", overlap=overlap, transport=ex)
         out = par(*inputs[:5], guidance=inputs[5])
         assert par.exchange is not None  # the transport reached the wrapper
     return _max_over_ranks((out - ref).abs().max().item())
@@ -87,6 +88,13 @@ def test_ulysses_over_copy_engine_transport_equals_single_process(n, sp, tp, ove
 @pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1)])
 def test_ulysses_over_pushed_copies_equals_single_process(n, sp, tp):
     assert _run(n, _ulysses_worker, sp, tp, True, True, True) < TOL
+
+
+@pytest.mark.parametrize("land,land_output", [(False, False), (True, True)], ids=["flat", "output-landed"])
+@pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 2, 2)])
+def test_ulysses_with_each_landing_equals_single_process(n, sp, tp, land, land_output):
+    """q, k, v landing rank by rank (`land=False`, then permuted), and the output landing in (B, L, H) order."""
+    assert _run(n, _ulysses_worker, sp, tp, True, True, True, land_output, land) < TOL
 
 
 def _errors_worker() -> list[str]:

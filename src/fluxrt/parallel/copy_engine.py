@@ -127,12 +127,15 @@ class CopyEngineExchange:
     which each rank reaches after its pulls from buffer i.
     land: Ulysses asks for its q, k, v to land in head order (`start(send, dim)`), no permute kernel after;
     False: they land rank by rank and a kernel permutes them (to compare: bench variant `:ceflat`).
+    land_output: the attention's output is sent as it lies (token chunks of the (B, L, h/n*D) output) and lands in
+    the (B, Ls, h*D) layout the next linear reads: no permute kernel before or after it (rows of h/n*D elements;
+    built and tested on the CPU, not timed yet: bench variant `:celandout`).
     """
 
-    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True):
+    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True, land_output: bool = False):
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        self.buffer, self.push, self.land = buffer, push, land
+        self.buffer, self.push, self.land, self.land_output = buffer, push, land, land_output
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
@@ -249,9 +252,10 @@ def copy_chunk(dst: torch.Tensor, src: torch.Tensor, dim: int) -> None:
     el = dst.element_size()
     rows, width = math.prod(dst.shape[:dim]), math.prod(dst.shape[dim:]) * el
     stream = torch.cuda.current_stream(dst.device).cuda_stream
-    err = _cudart().cudaMemcpy2DAsync(ctypes.c_void_p(dst.data_ptr()), ctypes.c_size_t(dst.stride(dim - 1) * el),
-                                      ctypes.c_void_p(src.data_ptr()), ctypes.c_size_t(width), ctypes.c_size_t(width),
-                                      ctypes.c_size_t(rows), 3, ctypes.c_void_p(stream))  # 3: device to device
+    ptr, size = ctypes.c_void_p, ctypes.c_size_t
+    pitch = dst.stride(dim - 1) * el
+    args = ptr(dst.data_ptr()), size(pitch), ptr(src.data_ptr()), size(width), size(width), size(rows)
+    err = _cudart().cudaMemcpy2DAsync(*args, 3, ptr(stream))  # 3: cudaMemcpyDeviceToDevice
     if err:
         raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err} copying {rows} rows of {width} bytes")
 
@@ -293,6 +297,8 @@ def make_exchange(transport, group):
         return CopyEngineExchange(group, push=False)
     if transport == "copy-engine-flat":  # bench variant :ceflat, to compare
         return CopyEngineExchange(group, land=False)
+    if transport == "copy-engine-land-output":  # bench variant :celandout, not timed yet
+        return CopyEngineExchange(group, land_output=True)
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")

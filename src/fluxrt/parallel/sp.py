@@ -137,12 +137,19 @@ def heads_to_seq_start(x: torch.Tensor, group, exchange: CopyEngineExchange | No
     """(B, h/n, n*Ls, D) head shards -> all-to-all in flight; `heads_to_seq_finish` lays out what arrives."""
     n = dist.get_world_size(group)
     b, hl, length, d = x.shape
+    if exchange is not None and exchange.land_output:  # token chunks of x laid out (B, n*Ls, h/n, D) as attention
+        send = x.transpose(1, 2).reshape(b, n, length // n, hl, d).transpose(0, 1).contiguous()  # gives it: a view
+        return exchange.start(send, dim=2)  # lands as (B, Ls, n, h/n, D): see `heads_to_seq_finish`
     return _all_to_all(x.reshape(b, hl, n, length // n, d).permute(2, 0, 1, 3, 4).contiguous(), group, exchange)
 
 
 def heads_to_seq_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
-    """(n, B, h/n, Ls, D), recv[r] = my tokens of rank r's heads -> (B, h, Ls, D)."""
+    """(n, B, h/n, Ls, D), recv[r] = my tokens of rank r's heads -> (B, h, Ls, D); from the copy-engine transport
+    with `land_output` already (B, Ls, n, h/n, D): a view, whose `.transpose(1, 2).flatten(2)` is free."""
     recv = _wait(recv, exchange)
+    if exchange is not None and exchange.land_output:
+        b, ls, n, hl, d = recv.shape
+        return recv.reshape(b, ls, n * hl, d).transpose(1, 2)
     n, b, hl, ls, d = recv.shape
     return recv.transpose(0, 1).reshape(b, n * hl, ls, d)
 
