@@ -35,7 +35,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-TRANSPORTS = ("nccl", "copy-engine")  # offered on the command line; "copy-engine-pull" too, to compare
+TRANSPORTS = ("nccl", "copy-engine")  # offered on the command line
+VARIANTS = ("copy-engine-pull", "copy-engine-flat", "copy-engine-land-output")  # to compare (bench/parallel.py)
 
 
 class SymmetricBuffer:
@@ -287,8 +288,9 @@ def _follow(stream, other) -> None:
 
 def make_exchange(transport, group):
     """Transport name -> exchange: "nccl" -> None (functional collectives), "copy-engine" -> a
-    `CopyEngineExchange` (push mode), "copy-engine-pull" -> one in pull mode (bench variant `:cepull`, not on the
-    command line: slower); an exchange is returned as it is."""
+    `CopyEngineExchange` (push mode, q, k, v landing in head order); the `VARIANTS`, to compare, are the same with
+    one setting changed (bench/parallel.py's `:cepull`, `:ceflat`, `:celandout`); an exchange is returned as it
+    is."""
     if transport is None or transport == "nccl":
         return None
     if transport == "copy-engine":
@@ -301,4 +303,4 @@ def make_exchange(transport, group):
         return CopyEngineExchange(group, land_output=True)
     if isinstance(transport, CopyEngineExchange):
         return transport
-    raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS)}")
+    raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS + VARIANTS)}")

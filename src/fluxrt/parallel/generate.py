@@ -56,8 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--transport", choices=TRANSPORTS, default="nccl",
                    help="how Ulysses' all-to-alls move data: nccl (NCCL's kernels, default) or copy-engine (peer "
                    "copies on the GPUs' copy engines through symmetric memory, no SMs taken from the matmuls; CUDA "
-                   "only; with --overlap faster than nccl at 1024² on 4 H200s, "
-                   "docs/PARALLEL.md)")  # fmt: skip
+                   "only; with --overlap faster than nccl at 1024² on 4 H200s, docs/PARALLEL.md)")  # fmt: skip
 
 
 class BroadcastTextEncoder(nn.Module):
