@@ -180,3 +180,20 @@ def test_gpu_copy_chunk_is_a_strided_copy_also_inside_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ref * 2)
+
+
+def test_a_missing_cuda_runtime_is_a_clear_error(monkeypatch):
+    """Without a loadable libcudart the 2-D copies cannot be issued: an error naming the library and the way out."""
+    import ctypes
+
+    from fluxrt.parallel import copy_engine
+
+    def refuse(name, *args, **kwargs):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    copy_engine._cudart.cache_clear()
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    monkeypatch.setattr(copy_engine.torch.version, "cuda", "13.0")
+    with pytest.raises(RuntimeError, match=r"libcudart\.so\.13.*--transport nccl"):
+        copy_engine._cudart()
+    copy_engine._cudart.cache_clear()

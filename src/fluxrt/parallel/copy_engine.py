@@ -264,16 +264,17 @@ def copy_chunk(dst: torch.Tensor, src: torch.Tensor, dim: int) -> None:
 @functools.cache
 def _cudart() -> ctypes.CDLL:
     """The CUDA runtime torch already loaded (found by its soname), else the one in the nvidia wheels beside it."""
-    major = (torch.version.cuda or "").split(".")[0]
-    try:
-        return ctypes.CDLL(f"libcudart.so.{major}")
-    except OSError:
+    name = f"libcudart.so.{(torch.version.cuda or '').split('.')[0]}"
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL(name)
+    with contextlib.suppress(ImportError, OSError):
         import nvidia  # the CUDA runtime wheel torch depends on
 
         for root in nvidia.__path__:
-            for path in sorted(glob.glob(os.path.join(root, "*", "lib", f"libcudart.so.{major}*"))):
+            for path in sorted(glob.glob(os.path.join(root, "*", "lib", f"{name}*"))):
                 return ctypes.CDLL(path)
-        raise
+    raise RuntimeError(f"the copy-engine transport calls the CUDA runtime ({name}) and could not load it; "
+                       f"use --transport nccl")  # fmt: skip
 
 
 def _on(stream):
