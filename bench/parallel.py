@@ -17,6 +17,8 @@ Plans (the product of the numbers must be the world size, except "1"):
                  before the eleventh session's last change)
   PLAN:celandout `:ce` with the attention's output also landing in the layout the next linear reads
                  (`land_output=True`; not timed yet)
+  PLAN:ceaside   `:ce` with each rank's own chunk copied beside the compute, not on its stream (`aside=True`;
+                 not timed yet)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -196,7 +198,7 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
-VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout")
+VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout", "ceaside")
 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
@@ -209,7 +211,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
                              f"sp4:overlap)")  # fmt: skip
     overlap = "overlap" in variants
     named = {"cepull": "copy-engine-pull", "ceflat": "copy-engine-flat", "celandout": "copy-engine-land-output",
-             "ce": "copy-engine"}  # fmt: skip
+             "ceaside": "copy-engine-aside", "ce": "copy-engine"}  # fmt: skip
     transport = next((named[v] for v in named if v in variants), "nccl")
     sp, tp, attn, batch = parse_plan(base)
     gpus = sp * tp * batch

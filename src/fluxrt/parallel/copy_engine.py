@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 TRANSPORTS = ("nccl", "copy-engine")  # offered on the command line
-VARIANTS = ("copy-engine-pull", "copy-engine-flat", "copy-engine-land-output")  # to compare (bench/parallel.py)
+# to compare (bench/parallel.py's plan variants)
+VARIANTS = ("copy-engine-pull", "copy-engine-flat", "copy-engine-land-output", "copy-engine-aside")
 
 
 class SymmetricBuffer:
@@ -131,12 +132,18 @@ class CopyEngineExchange:
     land_output: the attention's output is sent as it lies (token chunks of the (B, L, h/n*D) output) and lands in
     the (B, Ls, h*D) layout the next linear reads: no permute kernel before or after it (rows of h/n*D elements;
     built and tested on the CPU, not timed yet: bench variant `:celandout`).
+    aside: push mode copies this rank's own chunk into its buffer on the barrier's stream instead of the current
+    one, so the compute issued after `start` does not wait for it (a device-local copy per exchange; in pull
+    mode's profile such copies ran as a `memcpy128` kernel, 2 ms per 1024² step; not timed yet: bench variant
+    `:ceaside`).
     """
 
-    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True, land_output: bool = False):
+    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True, land_output: bool = False,
+                 aside: bool = False):  # fmt: skip
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.buffer, self.push, self.land, self.land_output = buffer, push, land, land_output
+        self.aside = aside
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
@@ -221,8 +228,9 @@ class CopyEngineExchange:
 
     def _push(self, send, buf, local, remote, streams, main, dim) -> torch.Tensor:
         """Chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer (`local`)."""
-        copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
         fence = streams[0]
+        if not self.aside:
+            copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
         for i in range(1, self.n):
             dst, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, main)
@@ -231,6 +239,8 @@ class CopyEngineExchange:
             _follow(fence, stream)
         _follow(fence, main)
         with _on(fence):
+            if self.aside:  # this rank's own chunk beside the compute that follows, not before it
+                copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
             buf.barrier()  # every rank has written into every buffer
         return local
 
@@ -290,7 +300,7 @@ def _follow(stream, other) -> None:
 def make_exchange(transport, group):
     """Transport name -> exchange: "nccl" -> None (functional collectives), "copy-engine" -> a
     `CopyEngineExchange` (push mode, q, k, v landing in head order); the `VARIANTS`, to compare, are the same with
-    one setting changed (bench/parallel.py's `:cepull`, `:ceflat`, `:celandout`); an exchange is returned as it
+    one setting changed (bench/parallel.py's `:cepull`, `:ceflat`, `:celandout`, `:ceaside`); an exchange is returned as it
     is."""
     if transport is None or transport == "nccl":
         return None
@@ -302,6 +312,8 @@ def make_exchange(transport, group):
         return CopyEngineExchange(group, land=False)
     if transport == "copy-engine-land-output":  # bench variant :celandout, not timed yet
         return CopyEngineExchange(group, land_output=True)
+    if transport == "copy-engine-aside":  # bench variant :ceaside, not timed yet
+        return CopyEngineExchange(group, aside=True)
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS + VARIANTS)}")
