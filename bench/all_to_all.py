@@ -5,10 +5,10 @@
 
 For dev (48 heads x 128) at each size (image tokens + 512 text tokens, split over the ranks) and each transport
 ("nccl": NCCL's all-to-all kernels; "copy-engine-pull" and "copy-engine-push": `fluxrt.parallel.copy_engine`
-in its two modes; the tenth session's rows named the pull mode "copy-engine"), the two exchanges of a single block: q, k, v to head shards (`seq_to_heads_*`, with the MLP up
-product, tokens/n x 6144 @ 6144 x 36864, as the work beside it) and the attention output back (`heads_to_seq_*`,
-with the down product, 18432 -> 6144). Timed on
-rank 0 with CUDA events, --iters back-to-back repetitions after a warm-up, in ms per repetition:
+in its two modes, q, k, v landing in head order since the eleventh session's last runs; the tenth session's rows
+named the pull mode "copy-engine"), the two exchanges of a single block: q, k, v to head shards
+(`seq_to_heads_*`, with the MLP up product, tokens/n x 6144 @ 6144 x 36864, as the work beside it) and the
+attention output back (`heads_to_seq_*`, with the down product, 18432 -> 6144). Timed on rank 0 with CUDA events, --iters back-to-back repetitions after a warm-up, in ms per repetition:
   a2a       the exchange alone (start, wait); a2a_host_ms: the host's time to issue one (when it is as long as
             a2a, the exchange is bound by Python and launches, not by the links)
   mm        the matmul alone

@@ -64,15 +64,14 @@ def test_chunks_land_where_start_is_asked_to_put_them(n, push):
         assert shape == [2, 3, n, 4] and worst == 0
 
 
-def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = False, land_output: bool = False,
-                    land: bool = True, aside: bool = False) -> float:  # fmt: skip
+def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, settings: dict) -> float:
+    """`settings`: the CopyEngineExchange's (push, land, land_output, aside)."""
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(refs)
     with torch.no_grad():
         ref = model(*inputs[:5], guidance=inputs[5])
         mesh = make_mesh(sp, tp)
-        ex = CopyEngineExchange(mesh.sp_group, buffer=SharedFileBuffer, push=push, land=land, land_output=land_output,
-                                aside=aside)  # fmt: skip
+        ex = CopyEngineExchange(mesh.sp_group, buffer=SharedFileBuffer, **settings)
         par = parallelize(model, mesh, "ulysses", overlap=overlap, transport=ex)
         out = par(*inputs[:5], guidance=inputs[5])
         assert par.exchange is not None  # the transport reached the wrapper
@@ -83,12 +82,12 @@ def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, push: bool = Fa
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 @pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
 def test_ulysses_over_copy_engine_transport_equals_single_process(n, sp, tp, overlap, refs):
-    assert _run(n, _ulysses_worker, sp, tp, overlap, refs) < TOL
+    assert _run(n, _ulysses_worker, sp, tp, overlap, refs, {"push": False}) < TOL
 
 
 @pytest.mark.parametrize("n,sp,tp", [(2, 2, 1), (4, 4, 1)])
 def test_ulysses_over_pushed_copies_equals_single_process(n, sp, tp):
-    assert _run(n, _ulysses_worker, sp, tp, True, True, True) < TOL
+    assert _run(n, _ulysses_worker, sp, tp, True, True, {"push": True}) < TOL
 
 
 @pytest.mark.parametrize("land,land_output,aside", [(False, False, False), (True, True, False), (True, True, True)],
@@ -97,7 +96,8 @@ def test_ulysses_over_pushed_copies_equals_single_process(n, sp, tp):
 def test_ulysses_with_each_landing_equals_single_process(n, sp, tp, land, land_output, aside):
     """q, k, v landing rank by rank (`land=False`, then permuted), the output landing in (B, L, H) order, and
     with it each rank's own chunk copied on the barrier's stream."""
-    assert _run(n, _ulysses_worker, sp, tp, True, True, True, land_output, land, aside) < TOL
+    settings = {"push": True, "land": land, "land_output": land_output, "aside": aside}
+    assert _run(n, _ulysses_worker, sp, tp, True, True, settings) < TOL
 
 
 def _errors_worker() -> list[str]:

@@ -36,8 +36,14 @@ import torch
 import torch.distributed as dist
 
 TRANSPORTS = ("nccl", "copy-engine")  # offered on the command line
-# to compare (bench/parallel.py's plan variants)
-VARIANTS = ("copy-engine-pull", "copy-engine-flat", "copy-engine-land-output", "copy-engine-aside")
+_SETTINGS = {  # CopyEngineExchange's settings per transport name; the variants, to compare, change one each
+    "copy-engine": {},
+    "copy-engine-pull": {"push": False},  # bench/parallel.py's :cepull
+    "copy-engine-flat": {"land": False},  # :ceflat
+    "copy-engine-land-output": {"land_output": True},  # :celandout, not timed yet
+    "copy-engine-aside": {"aside": True},  # :ceaside, not timed yet
+}
+VARIANTS = tuple(name for name in _SETTINGS if name not in TRANSPORTS)
 
 
 class SymmetricBuffer:
@@ -159,7 +165,7 @@ class CopyEngineExchange:
     @torch.compiler.disable
     def begin(self, device: torch.device) -> None:
         """A barrier on the current stream, to call before a forward's exchanges: every rank has finished the
-        exchanges before it (each waited for its pulls), so no buffer is still being read whichever of its two
+        exchanges before it (each waited for its copies), so no buffer is still being read whichever of its two
         buffers a shape starts with. Needed under CUDA graphs, whose replays repeat one capture's buffer order
         (an odd number of exchanges of a shape per forward would otherwise reuse a buffer back to back)."""
         device = torch.device(device)
@@ -194,9 +200,9 @@ class CopyEngineExchange:
         turn, slot.turn = slot.turn, 1 - slot.turn
         local, remote = slot.local[turn], slot.remote[turn]
         cuda = send.device.type == "cuda"
-        if cuda and self._streams is None:  # one per peer, so that the pulls from different peers run at once
+        if cuda and self._streams is None:  # one per peer, so that the copies to or from each peer run at once
             # high priority, meant to get the barrier kernel onto an SM before the matmul launched beside it takes
-            # them all (the pulls wait for the barrier); it made no measurable difference (bench/RESULTS.md)
+            # them all (pulls wait for the barrier); it made no measurable difference (bench/RESULTS.md)
             self._streams = [torch.cuda.Stream(device=send.device, priority=-1) for _ in range(self.n)]
         main = torch.cuda.current_stream() if cuda else None
         capturing = cuda and torch.cuda.is_current_stream_capturing()
@@ -299,21 +305,12 @@ def _follow(stream, other) -> None:
 
 def make_exchange(transport, group):
     """Transport name -> exchange: "nccl" -> None (functional collectives), "copy-engine" -> a
-    `CopyEngineExchange` (push mode, q, k, v landing in head order); the `VARIANTS`, to compare, are the same with
-    one setting changed (bench/parallel.py's `:cepull`, `:ceflat`, `:celandout`, `:ceaside`); an exchange is returned as it
-    is."""
+    `CopyEngineExchange` (push mode, q, k, v landing in head order), a `VARIANTS` name -> one with that name's
+    setting changed; an exchange is returned as it is."""
     if transport is None or transport == "nccl":
         return None
-    if transport == "copy-engine":
-        return CopyEngineExchange(group)
-    if transport == "copy-engine-pull":
-        return CopyEngineExchange(group, push=False)
-    if transport == "copy-engine-flat":  # bench variant :ceflat, to compare
-        return CopyEngineExchange(group, land=False)
-    if transport == "copy-engine-land-output":  # bench variant :celandout, not timed yet
-        return CopyEngineExchange(group, land_output=True)
-    if transport == "copy-engine-aside":  # bench variant :ceaside, not timed yet
-        return CopyEngineExchange(group, aside=True)
+    if transport in _SETTINGS:
+        return CopyEngineExchange(group, **_SETTINGS[transport])
     if isinstance(transport, CopyEngineExchange):
         return transport
     raise ValueError(f"unknown all-to-all transport {transport!r}; known: {', '.join(TRANSPORTS + VARIANTS)}")
