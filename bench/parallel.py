@@ -19,6 +19,8 @@ Plans (the product of the numbers must be the world size, except "1"):
                  (`land_output=True`; not timed yet)
   PLAN:ceaside   `:ce` with each rank's own chunk copied beside the compute, not on its stream (`aside=True`;
                  not timed yet)
+  PLAN:unfused   with --compile: the model's own QK-norm + RoPE ops compiled by inductor instead of the fused
+                 Triton kernel compile_transformer picks on CUDA (`fused=False`)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -77,7 +79,7 @@ def parse_plan(name: str) -> tuple[int, int, str, int]:
 
 
 def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile: bool | str = False,
-          overlap: bool = False, transport: str = "nccl") -> torch.nn.Module:  # fmt: skip
+          overlap: bool = False, transport: str = "nccl", fused: bool = True) -> torch.nn.Module:  # fmt: skip
     """Random bf16 model for a plan, sharded on the meta device before any memory is allocated; then, as
     `fluxrt generate --quant fp8 --compile [--overlap]` does, fp8 linears, the sequence-parallel wrapper and
     compiled blocks (ring's send/recv as graph breaks)."""
@@ -95,7 +97,7 @@ def build(cfg, mesh: Mesh | None, attn: str, device, fp8: bool = False, compile:
     if mesh is not None and mesh.sp > 1:  # before compiling: overlapped blocks compile with their own options
         wrapped = SequenceParallel(model, mesh.sp_group, attn, overlap=overlap, transport=transport)
     if compile:
-        compile_transformer(model, None if compile is True else compile, fullgraph=mesh is None)
+        compile_transformer(model, None if compile is True else compile, fullgraph=mesh is None, fused=fused)
     return wrapped
 
 
@@ -198,7 +200,7 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
-VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout", "ceaside")
+VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout", "ceaside", "unfused")
 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
@@ -219,10 +221,11 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
         raise ValueError(f"plan {name} needs {gpus} ranks, the job has {info.world_size}")
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
-           "mode": mode, "images": images, "transport": transport if sp > 1 else None}  # fmt: skip
+           "mode": mode, "images": images, "transport": transport if sp > 1 else None,
+           "fused": bool(compile) and "unfused" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
         res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport)
-        model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport)
+        model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)
         model = BatchParallel(model) if batch > 1 else model
         if cuda_graph:  # the whole forward captured once (after compiling, on its first call) and replayed
             plain, model = model, CUDAGraphStep(model)

@@ -67,7 +67,8 @@ from fluxrt.quant.fp8 import DEFAULT_SKIP, quantize_transformer
 
 IMPLS = ("eager", "compiled", "cudagraph", "fp8", "fp8-compiled", "diffusers", "diffusers-compiled")
 EXTRA = ("fp8-all", "fp8-all-compiled",  # on request (--impls): fp8 on every block Linear, the fastest, ~4% error
-         "compiled-cudnn", "fp8-compiled-cudnn")  # compiled with cuDNN's fused attention (fluxrt.accel.attention)
+         "compiled-cudnn", "fp8-compiled-cudnn",  # compiled with cuDNN's fused attention (fluxrt.accel.attention)
+         "compiled-unfused", "fp8-compiled-unfused")  # compiled without the fused QK-norm + RoPE kernel (fused=False)
 OURS = (*IMPLS[:5], *EXTRA)
 MODELS = ("flux.2-klein-4b", "flux.2-klein-9b", "flux.2-dev")
 
@@ -170,6 +171,15 @@ def run_with_attention(name, backend, compile_, step, model, device, args, recor
     return out
 
 
+def run_unfused(name, compile_, step, model, device, args, record):
+    """Compile with the model's own QK-norm + RoPE ops (`compile_transformer(fused=False)`), time it, undo it."""
+    compile_(fused=False)
+    out = run_impl(name, step, device, args, record, fused=False)
+    decompile(model)
+    free(device)
+    return out
+
+
 def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
     """eager -> compiled -> cudagraph -> (decompile, quantize) fp8 -> fp8-compiled -> (decompile, quantize the
     remaining block Linears) fp8-all -> fp8-all-compiled, on one build. fp8 is the default layer choice
@@ -199,7 +209,9 @@ def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
         if "compiled-cudnn" in impls:
             outs["compiled-cudnn"] = run_with_attention("compiled-cudnn", "cudnn", compile_, step, model, device, args,
                                                         record)
-        if "fp8" in impls or "fp8-compiled" in impls or "fp8-compiled-cudnn" in impls:
+        if "compiled-unfused" in impls:
+            outs["compiled-unfused"] = run_unfused("compiled-unfused", compile_, step, model, device, args, record)
+        if any(i in impls for i in ("fp8", "fp8-compiled", "fp8-compiled-cudnn", "fp8-compiled-unfused")):
             quantize_transformer(model)
             if "fp8" in impls:
                 outs["fp8"] = run_impl("fp8", step, device, args, record)
@@ -211,6 +223,9 @@ def run_ours(cfg, inp, device, dtype, args, record) -> dict[str, torch.Tensor]:
             if "fp8-compiled-cudnn" in impls:
                 outs["fp8-compiled-cudnn"] = run_with_attention("fp8-compiled-cudnn", "cudnn", compile_, step, model,
                                                                 device, args, record)
+            if "fp8-compiled-unfused" in impls:
+                outs["fp8-compiled-unfused"] = run_unfused("fp8-compiled-unfused", compile_, step, model, device, args,
+                                                           record)  # fmt: skip
         if "fp8-all" in impls or "fp8-all-compiled" in impls:
             quantize_transformer(model, skip=DEFAULT_SKIP)  # adds the layers FP8_SKIP keeps
             if "fp8-all" in impls:

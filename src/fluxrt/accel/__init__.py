@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import attention as _attention  # noqa: F401 - registers the "cudnn" and "flash" backends
+from . import norm_rope as _norm_rope  # noqa: F401 - registers the "triton" and "triton-blhd" norm-rope kernels
 from .compile import CompilerMissing, CUDAGraphStep, check_cpu_compiler, compile_transformer, decompile, is_compiled
 
 

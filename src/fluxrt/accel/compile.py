@@ -1,8 +1,12 @@
 """torch.compile and CUDA graphs for a built Flux2: lossless `(module) -> module` transforms.
 
 Contract:
-    compile_transformer(model, mode=None, *, fullgraph=True, dynamic=False, scope="blocks", backend="inductor")
-        -> the same model, compiled in place (state_dict keys, type and attributes unchanged).
+    compile_transformer(model, mode=None, *, fullgraph=True, dynamic=False, scope="blocks", backend="inductor",
+                        fused=True)
+        -> the same model, compiled in place (state_dict keys and type unchanged).
+        fused=True, on a CUDA model with Triton: every block's QK-norm + RoPE runs fluxrt.accel.norm_rope's fused
+            kernel (FUSED_NORM_ROPE; each QKNorm's `kernel` attribute), which computes the same function up to
+            fp32 rounding order, as inductor's own fusions do; elsewhere the model's ops are compiled as they are.
         scope="blocks": each double and single block is compiled (regional compilation). Blocks of one class
             share one compiled graph per input shape, so a 56-block dev compiles two graphs, not 56; embedders,
             modulations and the final layer stay eager (under 1% of the FLOPs).
@@ -11,6 +15,7 @@ Contract:
         dynamic=False specialises on shapes: a new (L_img, L_txt, batch) compiles once more, and a repeated
         shape never recompiles. mode "reduce-overhead" / "max-autotune" add torch's CUDA graphs (CUDA only).
     decompile(model) -> model          drops what compile_transformer added (benchmarks switch variants)
+    use_fused_kernels(model, kernel)   sets (kernel name) or clears (None) the blocks' QK-norm + RoPE kernel
     CUDAGraphStep(model)(*args)        one manually captured CUDA graph per input signature; each call copies
                                        the inputs into static buffers, replays, and returns a fresh output
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+FUSED_NORM_ROPE = "triton-blhd"  # fluxrt.accel.norm_rope, output in the (B, L, H, D) order attention reads best
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # these capture CUDA graphs: meaningless off CUDA
 SCOPES = ("blocks", "model")
@@ -62,8 +68,32 @@ def check_cpu_compiler() -> str:
                               f"torch found none usable ({type(e).__name__}: {e}); run without --compile") from None  # fmt: skip
 
 
+def use_fused_kernels(model: nn.Module, kernel: str | None = FUSED_NORM_ROPE) -> int:
+    """Point every QKNorm of `model` at `kernel` (a registered norm-rope kernel; None: back to the process's
+    choice, the reference by default); returns how many. Only the attribute changes, never a weight."""
+    from ..models.attention import _NORM_ROPE
+    from ..models.transformer import QKNorm
+
+    if kernel is not None and kernel not in _NORM_ROPE:
+        raise ValueError(f"unknown norm-rope kernel {kernel!r}; known: {', '.join(sorted(_NORM_ROPE))}")
+    norms = [m for m in model.modules() if isinstance(m, QKNorm)]
+    for m in norms:
+        if kernel is None:
+            m.__dict__.pop("kernel", None)
+        else:
+            m.kernel = kernel
+    return len(norms)
+
+
+def fused_kernels_available(model: nn.Module) -> bool:
+    """The fused kernels run on this model: it is on a CUDA device and Triton imports."""
+    from .norm_rope import triton
+
+    return triton is not None and _device_of(model).type == "cuda"
+
+
 def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph: bool = True, dynamic: bool = False,
-                        scope: str = "blocks", backend="inductor") -> nn.Module:  # fmt: skip
+                        scope: str = "blocks", backend="inductor", fused: bool = True) -> nn.Module:  # fmt: skip
     """Compile `model` in place with static shapes (module docstring); returns it. Lossless up to fp rounding.
 
     On the CPU with inductor, a missing C++ compiler raises CompilerMissing here, not at the first call.
@@ -74,6 +104,8 @@ def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph:
         raise ValueError(f"compile mode {mode!r} captures CUDA graphs; the model is on {_device_of(model)}")
     if backend == "inductor" and _device_of(model).type == "cpu":
         check_cpu_compiler()
+    if fused and backend == "inductor" and fused_kernels_available(model):
+        use_fused_kernels(model)
     kwargs = {"fullgraph": fullgraph, "dynamic": dynamic, "backend": backend}
     if mode not in (None, "default"):
         kwargs["mode"] = mode
@@ -97,6 +129,7 @@ def decompile(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
+    use_fused_kernels(model, None)
     return model
 
 

@@ -4,6 +4,10 @@
 (cos, sin); `apply_rope` rotates interleaved pairs (2k, 2k+1) of q and k in fp32.
 `attention(q, k, v)` takes (B, heads, L, head_dim) tensors and returns (B, L, heads*head_dim); its backend
 is chosen with `set_attention_backend` (outside the model), so every backend is tested against "sdpa".
+`qk_norm_rope(q, k, q_scale, k_scale, table, kernel=None)` is the RMSNorm of q and k (`rms_norm`) followed by
+`apply_rope`; its kernel is chosen outside the model, per call site (`kernel`, which a block's QKNorm passes from
+its `kernel` attribute, set by fluxrt.accel) or for the process (`set_norm_rope_kernel`), and every kernel is
+tested against "reference", these very ops.
 """
 
 from __future__ import annotations
@@ -34,6 +38,53 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cos, sin = table.unbind(-1)
     out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, rounded to x's dtype, then times `scale` (the QK-norm of every block)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * scale
+
+
+def _norm_rope_reference(q, k, q_scale, k_scale, table):
+    return (apply_rope(rms_norm(q, q_scale).to(q.dtype), table),
+            apply_rope(rms_norm(k, k_scale).to(k.dtype), table))  # fmt: skip
+
+
+_NORM_ROPE: dict[str, Callable] = {"reference": _norm_rope_reference}
+_norm_rope_active = ["reference"]
+
+
+def register_norm_rope_kernel(name: str, fn: Callable) -> None:
+    """Add a kernel fn(q, k, q_scale, k_scale, table) -> (q, k) for `qk_norm_rope` (used by fluxrt.accel)."""
+    _NORM_ROPE[name] = fn
+
+
+def set_norm_rope_kernel(name: str) -> None:
+    if name not in _NORM_ROPE:
+        raise ValueError(f"unknown norm-rope kernel {name!r}; known: {', '.join(sorted(_NORM_ROPE))}")
+    _norm_rope_active[0] = name
+
+
+def norm_rope_kernel_name() -> str:
+    return _norm_rope_active[0]
+
+
+@contextlib.contextmanager
+def norm_rope_kernel(name: str):
+    """Temporarily switch the QK-norm + RoPE kernel."""
+    old = _norm_rope_active[0]
+    set_norm_rope_kernel(name)
+    try:
+        yield
+    finally:
+        _norm_rope_active[0] = old
+
+
+def qk_norm_rope(q, k, q_scale, k_scale, table, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) q and k -> RMSNorm (eps 1e-6, learned scales), then RoPE by table (B, 1, L, D/2, 2); q's dtype.
+    `kernel` names a registered kernel; None: the process's (`set_norm_rope_kernel`, "reference" by default)."""
+    return _NORM_ROPE[kernel or _norm_rope_active[0]](q, k, q_scale, k_scale, table)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TransformerConfig
-from .attention import apply_rope, attention, rope
+from .attention import attention, qk_norm_rope, rms_norm, rope
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -52,11 +52,12 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+        return rms_norm(x, self.scale)
 
 
 class QKNorm(nn.Module):
+    kernel: str | None = None  # the qk_norm_rope kernel of this block; fluxrt.accel sets it (None: the process's)
+
     def __init__(self, dim: int):
         super().__init__()
         self.query_norm = RMSNorm(dim)
@@ -64,6 +65,10 @@ class QKNorm(nn.Module):
 
     def forward(self, q, k, v):
         return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+    def with_rope(self, q, k, pe):
+        """Both norms, then RoPE by pe: one `qk_norm_rope` call (a fused kernel where one is chosen)."""
+        return qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, pe, self.kernel)
 
 
 class SiLUActivation(nn.Module):
@@ -129,9 +134,8 @@ class RefKV:
         return attention(q, k, v)
 
 
-def joint_attention(owner, q, k, v, pe, n_txt: int, kv: RefKV | None) -> torch.Tensor:
-    """RoPE on q and k, then attention over the whole joint sequence (or the KV variant's pattern)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def joint_attention(owner, q, k, v, n_txt: int, kv: RefKV | None) -> torch.Tensor:
+    """Attention of (already normed and rotated) q, k, v over the whole joint sequence (or the KV variant's)."""
     if kv is None:
         return attention(q, k, v)
     return kv.attend(owner, q, k, v, n_txt)
@@ -145,9 +149,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(hidden // heads)
         self.proj = nn.Linear(hidden, hidden, bias=False)
 
-    def qkv_heads(self, x: torch.Tensor):
+    def qkv_heads(self, x: torch.Tensor, pe: torch.Tensor):
+        """q, k, v heads of this stream's tokens, q and k normed and rotated by pe (this stream's positions)."""
         q, k, v = split_heads(self.qkv(x), self.heads)
-        q, k = self.norm(q, k, v)
+        q, k = self.norm.with_rope(q, k, pe)
         return q, k, v
 
 
@@ -170,11 +175,11 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, pe, mod_img, mod_txt, kv: RefKV | None = None):
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1))
-        n_txt = txt.shape[1]
+        n_txt = txt.shape[1]  # pe covers [txt, img]; RoPE is per token, so each stream takes its rows
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1), pe[:, :, n_txt:])
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1), pe[:, :, :n_txt])
         q, k, v = (torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        attn = joint_attention(self, q, k, v, pe, n_txt, kv)  # (B, L_txt + L_img, H)
+        attn = joint_attention(self, q, k, v, n_txt, kv)  # (B, L_txt + L_img, H)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -199,8 +204,8 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
-        q, k = self.norm(q, k, v)
-        attn = joint_attention(self, q, k, v, pe, n_txt, kv)  # (B, L, H)
+        q, k = self.norm.with_rope(q, k, pe)
+        attn = joint_attention(self, q, k, v, n_txt, kv)  # (B, L, H)
         return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
 
 

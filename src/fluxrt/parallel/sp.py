@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accel.cache import share_step_cache
-from ..models.attention import apply_rope, attention, attention_backend, register_attention_backend
+from ..models.attention import attention, attention_backend, register_attention_backend
 from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
 from .copy_engine import CopyEngineExchange, make_exchange
 
@@ -303,9 +303,9 @@ class OverlappedSingleBlock(SingleStreamBlock):
         shift, scale, gate = mod
         h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
         q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
-        q, k = self.norm(q, k, v)
+        q, k = self.norm.with_rope(q, k, pe)
         ex = c.exchange
-        heads = seq_to_heads_start(torch.stack([apply_rope(q, pe), apply_rope(k, pe), v]), c.group, ex)
+        heads = seq_to_heads_start(torch.stack([q, k, v]), c.group, ex)
         mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
         back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index, ex), c.group, ex)
         y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight

@@ -1,0 +1,124 @@
+"""QK-norm and RoPE in one Triton kernel, chosen from outside the model for its `qk_norm_rope` call.
+
+`set_norm_rope_kernel("triton")` (fluxrt.models.attention) routes every block's QK-norm + RoPE through
+`norm_rope_triton`: per (batch, head, block of tokens) one program reads the head's rows of q (then of k) where
+the projection left them (any strides, last dim contiguous), RMS-normalises each row in fp32, rounds to the
+compute dtype, multiplies by the learned scale and rounds again (the reference's two rounding points), rotates the
+interleaved pairs by the (cos, sin) table in fp32 and writes the row once. The reference runs this as a reduction
+kernel plus a pointwise one (eager: eleven kernels); the fused kernel reads and writes each element once.
+"triton-blhd" writes the result in (B, L, H, D) memory order (returned as the same (B, H, L, D) view), the order
+the attention kernels read and write best; "triton" writes (B, H, L, D) contiguous.
+
+It computes the reference's function; the results differ only by fp32 summation order in the mean and by fused
+multiply-adds in the rotation (tests: within one bf16 rounding step of the reference). CUDA only; on any other
+device the registered kernels run the reference. Under torch.compile the kernel is a `torch.library.triton_op`,
+which inductor calls without a graph break. `TRITON_INTERPRET=1` (set before this module is imported) runs the
+same kernel on CPU tensors, which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.attention import _norm_rope_reference, register_norm_rope_kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (a CPU-only install): the kernels below fall back to the reference
+    triton = None
+
+EPS = 1e-6  # the QK-norm's epsilon (fluxrt.models.attention.rms_norm)
+BLOCK_L = 16  # token rows per program: 16 x 128 elements of q
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, dtype):
+        """fp32 -> dtype (round to nearest even, named: Triton's interpreter would truncate) -> fp32."""
+        return x.to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
+
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, scale_ptr, table_ptr, out_ptr, L, sxb, sxh, sxl, stb, stl, sob, soh, sol, eps,
+                          D: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+        pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_l * BLOCK + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D)
+        mask = rows[:, None] < L
+        x = tl.load(x_ptr + b * sxb + h * sxh + rows[:, None] * sxl + cols[None, :], mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+        y = _round(xf * inv[:, None], x.dtype)  # rounded to the compute dtype, as the reference
+        s = tl.load(scale_ptr + cols).to(tl.float32)
+        y = _round(y * s[None, :], out_ptr.dtype.element_ty)  # times the scale, rounded again
+        t = tl.load(table_ptr + b * stb + rows[:, None] * stl + cols[None, :], mask=mask, other=0.0)
+        cos, sin = tl.split(tl.reshape(t, (BLOCK, D // 2, 2)))  # the table's (cos, sin) per pair
+        y0, y1 = tl.split(tl.reshape(y, (BLOCK, D // 2, 2)))  # the pairs (2i, 2i+1)
+        out = tl.reshape(tl.join(cos * y0 - sin * y1, sin * y0 + cos * y1), (BLOCK, D))
+        tl.store(out_ptr + b * sob + h * soh + rows[:, None] * sol + cols[None, :],
+                 out.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)  # fmt: skip
+
+
+def _launch(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, blhd: bool, launch) -> torch.Tensor:
+    """Allocate the output and run the kernel through `launch` (the kernel itself, or `wrap_triton` of it)."""
+    B, H, L, D = x.shape
+    if blhd:
+        out = torch.empty((B, L, H, D), device=x.device, dtype=x.dtype).transpose(1, 2)
+    else:
+        out = torch.empty((B, H, L, D), device=x.device, dtype=x.dtype)
+    stb = table.stride(0) if table.shape[0] > 1 else 0  # one table for the whole batch broadcasts
+    grid = (triton.cdiv(L, BLOCK_L), H, B)
+    launch[grid](x, scale, table, out, L, x.stride(0), x.stride(1), x.stride(2), stb, table.stride(2),
+                 out.stride(0), out.stride(1), out.stride(2), EPS, D=D, BLOCK=BLOCK_L)  # fmt: skip
+    return out
+
+
+def check_inputs(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The table the kernel reads (its last two dims made dense); a ValueError names what does not fit."""
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"norm_rope_triton needs (B, H, L, D) with a contiguous last dim, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")  # fmt: skip
+    B, _, L, D = x.shape
+    if D % 2 or D & (D - 1):
+        raise ValueError(f"norm_rope_triton needs a power-of-two head dim, got {D}")
+    if tuple(scale.shape) != (D,):
+        raise ValueError(f"norm scale of shape {tuple(scale.shape)} does not match head dim {D}")
+    if table.dim() != 5 or table.shape[0] not in (1, B) or tuple(table.shape[2:]) != (L, D // 2, 2):
+        raise ValueError(f"RoPE table of shape {tuple(table.shape)} does not fit q of shape {tuple(x.shape)}")
+    if table.dtype != torch.float32:
+        table = table.float()
+    if table.stride(-1) != 1 or table.stride(-2) != 2:
+        table = table.contiguous()
+    return table
+
+
+def norm_rope_rows(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, blhd: bool = False) -> torch.Tensor:
+    """One tensor through the kernel, launched directly (eager; also on CPU tensors under TRITON_INTERPRET=1)."""
+    if triton is None:
+        raise RuntimeError("norm_rope_rows needs Triton (pip install triton); the reference needs nothing")
+    return _launch(x, scale.contiguous(), check_inputs(x, scale, table), blhd, _norm_rope_kernel)
+
+
+if triton is not None:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("fluxrt::norm_rope", mutates_args=())
+    def _norm_rope_op(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, blhd: bool) -> torch.Tensor:
+        return _launch(x, scale, table, blhd, wrap_triton(_norm_rope_kernel))
+
+
+def _kernel(blhd: bool):
+    def norm_rope_triton(q, k, q_scale, k_scale, table):
+        if triton is None or q.device.type != "cuda":
+            return _norm_rope_reference(q, k, q_scale, k_scale, table)
+        table = check_inputs(q, q_scale, table)
+        check_inputs(k, k_scale, table)
+        return (torch.ops.fluxrt.norm_rope(q, q_scale.contiguous(), table, blhd),
+                torch.ops.fluxrt.norm_rope(k, k_scale.contiguous(), table, blhd))  # fmt: skip
+
+    return norm_rope_triton
+
+
+KERNELS = {"triton": _kernel(False), "triton-blhd": _kernel(True)}
+for _name, _fn in KERNELS.items():
+    register_norm_rope_kernel(_name, _fn)
