@@ -134,9 +134,9 @@ def test_gpu_fused_kernel_within_one_bf16_step_of_the_reference_and_compiles_wit
         for g, c, r in zip(got, compiled, ref):
             # rows are RMS-normalised (values of order 1): a rounding flip before the rotation moves an output by
             # about one bf16 step of its inputs, which for a small rotated output is more than its own step
-            err, same = (g.float() - r.float()).abs().max().item(), (g == r).float().mean().item()
-            assert err <= 2**-5 and same > 0.99, (name, err, same)  # a wrong pair, table or scale: errors of ~1
-            assert torch.equal(c, g), name
+            for how, out in (("eager", g), ("compiled", c)):  # inductor builds the kernel with its own options
+                err, same = (out.float() - r.float()).abs().max().item(), (out == r).float().mean().item()
+                assert err <= 2**-5 and same > 0.99, (name, how, err, same)  # a wrong pair, table, scale: ~1
 
 
 def test_use_fused_kernels_sets_and_clears_every_blocks_choice_and_compile_leaves_cpu_models_alone():

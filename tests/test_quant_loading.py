@@ -5,6 +5,7 @@ against an independent dequantisation (bitsandbytes / the gguf package / the sto
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -117,7 +118,11 @@ def _bnb_serialise(name: str, w: torch.Tensor, use_bnb: bool) -> tuple[dict, tor
 
         q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         parts = {f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()}
-        return {name: q, **parts}, F.dequantize_4bit(q, state)
+        # bnb's blocks run over the flattened weight; its CPU dequantize of a 2-D state whose rows straddle blocks
+        # is wrong in bitsandbytes 0.49-0.50 (errors 3x the NF4 step, seen 2026-11-27), so decode it flat
+        flat = copy.copy(state)
+        flat.shape = torch.Size([w.numel()])
+        return {name: q, **parts}, F.dequantize_4bit(q, flat).reshape(w.shape)
     flat = w.reshape(-1, 64)  # the documented layout by hand: blocks over the flattened weight, no nesting
     packed, absmax = quantize_nf4(flat)
     blob = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": list(w.shape)})
