@@ -6,14 +6,15 @@
 
 One case (model, output size, number of same-size references; batch 1, 512 text tokens). The model is built once,
 directly on the GPU from seeded random bf16 weights, and run as each requested variant, always in this order:
-eager; compiled (`fluxrt.accel.compile_transformer`, default mode); autotune (mode "max-autotune-no-cudagraphs",
-with inductor's coordinate-descent tuning on CUDA); fp8-compiled (`fluxrt.quant.quantize_transformer`'s default
-layers, then compiled; last, since it replaces the Linears in place). Between variants the model is decompiled and
-dynamo's caches are dropped. Per variant: s/step (median of CUDA-event-timed steps after warm-up, the first
-call's wall time with the compile is first_call_s), then --profile-steps more steps under `torch.profiler`, whose
-device kernels are summed per step and binned by name (`classify`): gemm, attention, triton (inductor's fused
-kernels), elementwise (unfused ATen kernels, copies), collective (NCCL), other. Off CUDA (--dry-run) the bins
-hold the CPU ops' self times instead.
+eager; compiled (`fluxrt.accel.compile_transformer`, default mode; on CUDA with the fused QK-norm + RoPE kernel);
+compiled-unfused (the same with `fused=False`: the model's own ops compiled by inductor); autotune (mode
+"max-autotune-no-cudagraphs", with inductor's coordinate-descent tuning on CUDA); fp8-compiled
+(`fluxrt.quant.quantize_transformer`'s default layers, then compiled; last, since it replaces the Linears in
+place). Between variants the model is decompiled and dynamo's caches are dropped. Per variant: s/step (median of
+CUDA-event-timed steps after warm-up, the first call's wall time with the compile is first_call_s), then
+--profile-steps more steps under `torch.profiler`, whose device kernels are summed per step and binned by name
+(`classify`): gemm, attention, triton (inductor's fused kernels), elementwise (unfused ATen kernels, copies),
+collective (NCCL), other. Off CUDA (--dry-run) the bins hold the CPU ops' self times instead.
 
 Derived per variant: the step's FLOPs split into attention (4·N²·hidden per block, N = text + image tokens) and
 linear (`step_flops` minus attention), the TFLOP/s of the gemm and attention kernels over them, the ideal step at
@@ -59,7 +60,7 @@ from fluxrt.accel.compile import compile_transformer, decompile
 from fluxrt.config import get_preset
 from fluxrt.quant.fp8 import quantize_transformer
 
-IMPLS = ("eager", "compiled", "autotune", "fp8-compiled")  # the order they run in
+IMPLS = ("eager", "compiled", "compiled-unfused", "autotune", "fp8-compiled")  # the order they run in
 AUTOTUNE_MODE = "max-autotune-no-cudagraphs"
 CATEGORIES = ("gemm", "attention", "triton", "elementwise", "collective", "other")
 TOP = 25
@@ -226,7 +227,8 @@ def run_variant(name, model, step, device, args, record) -> None:
             if name == "fp8-compiled":
                 quantize_transformer(model)
             if name != "eager":
-                compile_transformer(model, AUTOTUNE_MODE if name == "autotune" else None, **compile_)
+                compile_transformer(model, AUTOTUNE_MODE if name == "autotune" else None,
+                                    fused=name != "compiled-unfused", **compile_)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a variant that cannot be prepared is a row, not the end of the run
             timed["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         else:
