@@ -21,6 +21,8 @@ Plans (the product of the numbers must be the world size, except "1"):
                  not timed yet)
   PLAN:unfused   with --compile: the model's own QK-norm + RoPE ops compiled by inductor instead of the fused
                  Triton kernel compile_transformer picks on CUDA (`fused=False`)
+  PLAN:stack     with --overlap and the fused kernel: its q, k written to new tensors and stacked with v into the
+                 send buffer, instead of written into the buffer directly (`sp.DIRECT_SEND`)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -61,6 +63,7 @@ from fluxrt.models.transformer import Flux2
 from fluxrt.parallel import (BatchParallel, Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env,
                              parallelize)  # fmt: skip
 from fluxrt.parallel.plan import parse_plan as plan_from_name
+from fluxrt.parallel import sp as sp_module
 from fluxrt.parallel.sp import SequenceParallel
 from fluxrt.sampling.latents import grid_ids, text_ids
 from fluxrt.quant.fp8 import quantize_transformer
@@ -200,7 +203,7 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
-VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout", "ceaside", "unfused")
+VARIANTS = ("overlap", "ce", "cepull", "ceflat", "celandout", "ceaside", "unfused", "stack")
 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
@@ -212,6 +215,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
             raise ValueError(f"unknown plan variant {variant!r} in {name!r}; known: {', '.join(VARIANTS)} (e.g. "
                              f"sp4:overlap)")  # fmt: skip
     overlap = "overlap" in variants
+    sp_module.DIRECT_SEND[0] = "stack" not in variants
     named = {"cepull": "copy-engine-pull", "ceflat": "copy-engine-flat", "celandout": "copy-engine-land-output",
              "ceaside": "copy-engine-aside", "ce": "copy-engine"}  # fmt: skip
     transport = next((named[v] for v in named if v in variants), "nccl")
@@ -222,7 +226,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images, "transport": transport if sp > 1 else None,
-           "fused": bool(compile) and "unfused" not in variants}  # fmt: skip
+           "fused": bool(compile) and "unfused" not in variants, "direct_send": "stack" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
         res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport)
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)

@@ -112,11 +112,35 @@ def _wait(t: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.
     return exchange.wait(t) if exchange is not None else torch.ops._c10d_functional.wait_tensor(t)
 
 
+def pack_send(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(S, B, h, Ls, D) sequence shards -> the send buffer (n, S, B, h/n, Ls, D): chunk r holds rank r's heads."""
+    s, b, h, ls, d = x.shape
+    return x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()
+
+
+DIRECT_SEND = [True]  # benchmarks switch it off (bench/parallel.py :stack) to time the kernel without it
+
+
+def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
+    """A block's q, k (normed, rotated by pe) and v -> the send buffer of `pack_send`; where the block's QK-norm runs
+    fluxrt.accel.norm_rope's fused kernel (on CUDA), the kernel writes them into the buffer directly."""
+    from ..accel import norm_rope
+
+    if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and q.is_cuda and norm_rope.triton is not None:
+        qs, ks = norm.query_norm.scale, norm.key_norm.scale
+        table = norm_rope.check_inputs(q, qs, pe)
+        norm_rope.check_inputs(k, ks, table)
+        return torch.ops.fluxrt.norm_rope_send(q, k, v, qs.contiguous(), ks.contiguous(), table, n)
+    return pack_send(torch.stack([*norm.with_rope(q, k, pe), v]), n)
+
+
 def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(S, B, h, Ls, D) sequence shards -> all-to-all in flight; `seq_to_heads_finish` lays out what arrives."""
-    n = dist.get_world_size(group)
-    s, b, h, ls, d = x.shape
-    send = x.reshape(s, b, n, h // n, ls, d).permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, S, B, h/n, Ls, D)
+    return send_to_heads(pack_send(x, dist.get_world_size(group)), group, exchange)
+
+
+def send_to_heads(send: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
+    """A `pack_send` buffer -> all-to-all in flight (`seq_to_heads_start` after the packing)."""
     if exchange is not None and exchange.land:  # lands as (S, B, h/n, n, Ls, D): see `seq_to_heads_finish`
         return exchange.start(send, dim=3)
     return _all_to_all(send, group, exchange)
@@ -303,9 +327,8 @@ class OverlappedSingleBlock(SingleStreamBlock):
         shift, scale, gate = mod
         h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
         q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
-        q, k = self.norm.with_rope(q, k, pe)
         ex = c.exchange
-        heads = seq_to_heads_start(torch.stack([q, k, v]), c.group, ex)
+        heads = send_to_heads(pack_qkv(self.norm, q, k, v, pe, dist.get_world_size(c.group)), c.group, ex)
         mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
         back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index, ex), c.group, ex)
         y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight
