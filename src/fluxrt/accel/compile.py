@@ -71,11 +71,11 @@ def check_cpu_compiler() -> str:
 def use_fused_kernels(model: nn.Module, kernel: str | None = FUSED_NORM_ROPE) -> int:
     """Point every QKNorm of `model` at `kernel` (a registered norm-rope kernel; None: back to the process's
     choice, the reference by default); returns how many. Only the attribute changes, never a weight."""
-    from ..models.attention import _NORM_ROPE
+    from ..models.attention import NORM_ROPE
     from ..models.transformer import QKNorm
 
-    if kernel is not None and kernel not in _NORM_ROPE:
-        raise ValueError(f"unknown norm-rope kernel {kernel!r}; known: {', '.join(sorted(_NORM_ROPE))}")
+    if kernel is not None:
+        NORM_ROPE.check(kernel)
     norms = [m for m in model.modules() if isinstance(m, QKNorm)]
     for m in norms:
         if kernel is None:

@@ -51,40 +51,48 @@ def _norm_rope_reference(q, k, q_scale, k_scale, table):
             apply_rope(rms_norm(k, k_scale).to(k.dtype), table))  # fmt: skip
 
 
-_NORM_ROPE: dict[str, Callable] = {"reference": _norm_rope_reference}
-_norm_rope_active = ["reference"]
+class Choice:
+    """Named implementations of one function and the one a process uses, chosen outside the model."""
+
+    def __init__(self, what: str, first: str, fn: Callable):
+        self.what, self.fns, self.active = what, {first: fn}, first
+
+    def register(self, name: str, fn: Callable) -> None:
+        self.fns[name] = fn
+
+    def check(self, name: str) -> None:
+        if name not in self.fns:
+            raise ValueError(f"unknown {self.what} {name!r}; known: {', '.join(sorted(self.fns))}")
+
+    def set(self, name: str) -> None:
+        self.check(name)
+        self.active = name
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        """Temporarily switch to `name`."""
+        old = self.active
+        self.set(name)
+        try:
+            yield
+        finally:
+            self.active = old
 
 
-def register_norm_rope_kernel(name: str, fn: Callable) -> None:
-    """Add a kernel fn(q, k, q_scale, k_scale, table) -> (q, k) for `qk_norm_rope` (used by fluxrt.accel)."""
-    _NORM_ROPE[name] = fn
-
-
-def set_norm_rope_kernel(name: str) -> None:
-    if name not in _NORM_ROPE:
-        raise ValueError(f"unknown norm-rope kernel {name!r}; known: {', '.join(sorted(_NORM_ROPE))}")
-    _norm_rope_active[0] = name
+NORM_ROPE = Choice("norm-rope kernel", "reference", _norm_rope_reference)
+register_norm_rope_kernel = NORM_ROPE.register  # fn(q, k, q_scale, k_scale, table) -> (q, k); used by fluxrt.accel
+set_norm_rope_kernel = NORM_ROPE.set
+norm_rope_kernel = NORM_ROPE.use
 
 
 def norm_rope_kernel_name() -> str:
-    return _norm_rope_active[0]
-
-
-@contextlib.contextmanager
-def norm_rope_kernel(name: str):
-    """Temporarily switch the QK-norm + RoPE kernel."""
-    old = _norm_rope_active[0]
-    set_norm_rope_kernel(name)
-    try:
-        yield
-    finally:
-        _norm_rope_active[0] = old
+    return NORM_ROPE.active
 
 
 def qk_norm_rope(q, k, q_scale, k_scale, table, kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, L, D) q and k -> RMSNorm (eps 1e-6, learned scales), then RoPE by table (B, 1, L, D/2, 2); q's dtype.
     `kernel` names a registered kernel; None: the process's (`set_norm_rope_kernel`, "reference" by default)."""
-    return _NORM_ROPE[kernel or _norm_rope_active[0]](q, k, q_scale, k_scale, table)
+    return NORM_ROPE.fns[kernel or NORM_ROPE.active](q, k, q_scale, k_scale, table)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -97,38 +105,19 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (w @ v.float()).type_as(q)
 
 
-_BACKENDS: dict[str, Callable] = {"sdpa": _sdpa, "math": _math}
-_active = ["sdpa"]
-
-
-def register_attention_backend(name: str, fn: Callable) -> None:
-    """Add a backend fn(q, k, v) -> (B, heads, L, D); used by accel modules (e.g. FlashAttention-3)."""
-    _BACKENDS[name] = fn
+ATTENTION = Choice("attention backend", "sdpa", _sdpa)
+ATTENTION.register("math", _math)
+register_attention_backend = ATTENTION.register  # fn(q, k, v) -> (B, heads, L, D); used by accel (e.g. cuDNN's)
+set_attention_backend = ATTENTION.set
+attention_backend = ATTENTION.use
 
 
 def attention_backends() -> dict[str, Callable]:
     """The registered kernels by name, each `(q, k, v) -> out` on (B, H, L, D) tensors (a copy of the registry)."""
-    return dict(_BACKENDS)
-
-
-def set_attention_backend(name: str) -> None:
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(sorted(_BACKENDS))}")
-    _active[0] = name
-
-
-@contextlib.contextmanager
-def attention_backend(name: str):
-    """Temporarily switch the attention backend."""
-    old = _active[0]
-    set_attention_backend(name)
-    try:
-        yield
-    finally:
-        _active[0] = old
+    return dict(ATTENTION.fns)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(B, H, Lq, D) x (B, H, Lk, D) -> (B, Lq, H*D), no mask, scale 1/sqrt(D)."""
-    out = _BACKENDS[_active[0]](q, k, v)  # (B, H, Lq, D)
+    out = ATTENTION.fns[ATTENTION.active](q, k, v)  # (B, H, Lq, D)
     return out.transpose(1, 2).flatten(2)
