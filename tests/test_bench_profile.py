@@ -92,7 +92,7 @@ def test_profile_dry_run(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("bench/profile_step.py --dry-run") and saved["env"]["device"] == "cpu"
     rows = {r["impl"]: r for r in saved["rows"]}
-    assert list(rows) == list(profile_step.IMPLS) and len(result["rows"]) == 4
+    assert list(rows) == list(profile_step.IMPLS) and len(result["rows"]) == 5
     for r in rows.values():
         assert r["source"] == "cpu" and r["s_per_step"] > 0 and set(r["categories"]) == set(profile_step.CATEGORIES)
         cat_ms = sum(c["ms_per_step"] for c in r["categories"].values())
