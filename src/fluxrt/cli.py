@@ -129,7 +129,8 @@ def _generate_parser(sub) -> None:
                    "first (default $FLUXRT_C2PA_CERT); PNG and JPEG")  # fmt: skip
     p.add_argument("--c2pa-key", metavar="PEM", help="the signing key (default $FLUXRT_C2PA_KEY)")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (lossless; "
-                   "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU)")  # fmt: skip
+                   "the first image pays the compile, about a minute on a GPU; needs a C++ compiler on the CPU; on "
+                   "CUDA the QK-norm + RoPE runs as one Triton kernel, fluxrt.accel.norm_rope)")  # fmt: skip
     p.add_argument("--cuda-graph", action="store_true", help="replay the transformer's forward as a CUDA graph, "
                    "captured on the first step of each image size (lossless; removes the per-kernel launch cost: "
                    "best with --compile, at small sizes and under --gpus; CUDA only, not with --cache or streamed "
