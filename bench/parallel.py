@@ -58,6 +58,7 @@ import torch
 import torch.distributed as dist
 
 from fluxrt.accel import CUDAGraphStep, compile_transformer
+from fluxrt.accel.compile import fused_kernels_available, use_fused_kernels
 from fluxrt.config import get_preset
 from fluxrt.models.transformer import Flux2
 from fluxrt.parallel import (BatchParallel, Mesh, apply_tensor_parallel, init_from_env, make_mesh, nccl_env,
@@ -113,15 +114,18 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 @torch.no_grad()
 def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False,
-          transport: str = "nccl") -> dict:  # fmt: skip
+          transport: str = "nccl", fused: bool = False) -> dict:  # fmt: skip
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
-    same weights in one process (bf16)."""
+    same weights in one process (bf16); `fused`: the plan with the fused QK-norm + RoPE kernel (on CUDA, as the
+    compiled plan runs it) against the model's own ops in the one process."""
     if mesh is None and batch == 1:
         return {}
     small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
     model = fill_random_(Flux2(small).to(device, torch.bfloat16)).eval()
     *args, g = forward_args(small, size, device, batch)
     ref = model(*args, guidance=g)
+    if fused and fused_kernels_available(model):
+        use_fused_kernels(model)
     par = BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap, transport=transport)
     out = par(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
@@ -226,9 +230,9 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images, "transport": transport if sp > 1 else None,
-           "fused": bool(compile) and "unfused" not in variants, "direct_send": "stack" not in variants}  # fmt: skip
+           "fused": bool(compile) and "unfused" not in variants and info.device.type == "cuda", "direct_send": "stack" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
-        res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport)
+        res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport, res["fused"])
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)
         model = BatchParallel(model) if batch > 1 else model
         if cuda_graph:  # the whole forward captured once (after compiling, on its first call) and replayed
