@@ -230,7 +230,8 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     mesh = make_mesh(sp, tp) if sp * tp > 1 else None
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images, "transport": transport if sp > 1 else None,
-           "fused": bool(compile) and "unfused" not in variants and info.device.type == "cuda", "direct_send": "stack" not in variants}  # fmt: skip
+           "fused": bool(compile) and "unfused" not in variants and info.device.type == "cuda",
+           "direct_send": "stack" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
         res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport, res["fused"])
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)
