@@ -12,7 +12,9 @@ the elementwise kernels around the matmuls without building the 64 GB model.
 
 Variants: base (the model's ops as they are), nr (QK-norm + RoPE through fluxrt.accel.norm_rope's Triton kernel,
 output in (B, L, H, D) order), nr-bhld (the same kernel writing (B, H, L, D)), cdt (inductor's coordinate-descent
-tuning of its own Triton kernels' launch parameters), nr-cdt (both). --code writes the code inductor generated
+tuning of its own Triton kernels' launch parameters), nr-cdt (both), nr-mk (the kernel, and inductor's
+multi-kernel: each reduction compiled persistent and looped, the faster picked at run time; the LayerNorm over
+6144 channels is a looped reduction by default, reading its rows twice). --code writes the code inductor generated
 for each block under the variants named by --code-variants.
 """
 
@@ -41,6 +43,7 @@ VARIANTS = {  # name: (norm-rope kernel, inductor config patch)
     "nr-bhld": ("triton", {}),
     "cdt": ("reference", {"coordinate_descent_tuning": True}),
     "nr-cdt": ("triton-blhd", {"coordinate_descent_tuning": True}),
+    "nr-mk": ("triton-blhd", {"triton.multi_kernel": 1}),
 }
 BLOCKS = ("single", "double")
 
