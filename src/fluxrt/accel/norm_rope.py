@@ -1,17 +1,19 @@
 """QK-norm and RoPE in one Triton kernel, chosen from outside the model for its `qk_norm_rope` call.
 
-`set_norm_rope_kernel("triton")` (fluxrt.models.attention) routes every block's QK-norm + RoPE through
-`norm_rope_triton`: per (batch, head, block of tokens) one program reads the head's rows of q (then of k) where
-the projection left them (any strides, last dim contiguous), RMS-normalises each row in fp32, rounds to the
-compute dtype, multiplies by the learned scale and rounds again (the reference's two rounding points), rotates the
-interleaved pairs by the (cos, sin) table in fp32 and writes the row once. The reference runs this as a reduction
-kernel plus a pointwise one (eager: eleven kernels); the fused kernel reads and writes each element once.
-"triton-blhd" writes the result in (B, L, H, D) memory order (returned as the same (B, H, L, D) view), the order
-the attention kernels read and write best; "triton" writes (B, H, L, D) contiguous.
+Registered kernels "triton" and "triton-blhd" (fluxrt.models.attention's norm-rope registry): a block runs one when
+its QKNorm's `kernel` names it (`compile_transformer` sets "triton-blhd" on CUDA models; `use_fused_kernels`), or
+the whole process with `set_norm_rope_kernel`. Per (batch, head, block of tokens) one program reads the head's rows
+of q (then of k) where the projection left them (any strides, last dim contiguous), RMS-normalises each row in
+fp32, rounds to the compute dtype, multiplies by the learned scale and rounds again (the reference's two rounding
+points), rotates the interleaved pairs by the (cos, sin) table in fp32 and writes the row once. Compiled, inductor
+made this a looped reduction at ~1 TB/s; the fused kernel reads and writes each element once (~3.4 TB/s on an
+H200). "triton-blhd" writes the result in (B, L, H, D) memory order (returned as the same (B, H, L, D) view), the
+order the attention kernels read best; "triton" writes (B, H, L, D) contiguous. `fluxrt::norm_rope_send` writes q,
+k (and copies v) straight into a Ulysses all-to-all's send buffer (`fluxrt.parallel.sp.pack_qkv`).
 
 It computes the reference's function; the results differ only by fp32 summation order in the mean and by fused
 multiply-adds in the rotation (tests: within one bf16 rounding step of the reference). CUDA only; on any other
-device the registered kernels run the reference. Under torch.compile the kernel is a `torch.library.triton_op`,
+device the registered kernels run the reference. Under torch.compile the kernels are `torch.library.triton_op`s,
 which inductor calls without a graph break. `TRITON_INTERPRET=1` (set before this module is imported) runs the
 same kernel on CPU tensors, which is how the CPU tests check it.
 """
