@@ -60,7 +60,7 @@ def test_kernel_off_cuda_falls_back_to_the_reference():
 _CHILD = textwrap.dedent("""
     import json, os, sys
     import torch
-    from fluxrt.accel.norm_rope import norm_rope_rows
+    from fluxrt.accel.norm_rope_kernels import norm_rope_rows
     from fluxrt.models import attention as A
     from fluxrt.models.transformer import split_heads
     out = {}
@@ -78,7 +78,7 @@ _CHILD = textwrap.dedent("""
             out[f"{B},{H},{L},{D},{bcast},{blhd}"] = {
                 "max_rel": ((got - ref).abs().max() / ref.abs().max()).item(),
                 "shape": list(got.shape), "order": order}
-    from fluxrt.accel.norm_rope import norm_rope_send
+    from fluxrt.accel.norm_rope_kernels import norm_rope_send
     from fluxrt.parallel.sp import pack_send
     for B, H, L, D, n in ((2, 4, 9, 16, 2), (1, 6, 20, 8, 3)):
         q, k, v = split_heads(torch.randn(B, L, 3 * H * D) * 3, H)
@@ -86,9 +86,14 @@ _CHILD = textwrap.dedent("""
         qs, ks = torch.rand(D) + 0.5, torch.rand(D) + 0.5
         want = pack_send(torch.stack([*A.qk_norm_rope(q, k, qs, ks, pe), v]), n)
         got = norm_rope_send(q, k, v, qs, ks, pe, n)
+        from fluxrt.accel import norm_rope  # the registered triton_ops, run eagerly: the same kernel
+        via_op = norm_rope.send_buffer(q, k, v, qs, ks, pe, n)
+        rows_op = norm_rope.kernels().rows_op(q, qs, norm_rope.check_inputs(q, qs, pe), True)
         out[f"send {B},{H},{L},{D},{n}"] = {"shape_ok": got.shape == want.shape,
                                             "max_rel": ((got - want).abs().max() / want.abs().max()).item(),
-                                            "v_equal": torch.equal(got[:, 2], want[:, 2])}
+                                            "v_equal": torch.equal(got[:, 2], want[:, 2]),
+                                            "ops_equal": torch.equal(via_op, got) and torch.equal(rows_op,
+                                                norm_rope_rows(q, qs, pe, True))}
     for bad in ("scale", "table", "dim"):
         try:
             q = torch.randn(1, 2, 4, 8)
@@ -116,7 +121,7 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_and_writes_the_a
         if key in ("scale", "table", "dim"):
             continue
         if key.startswith("send"):  # straight into Ulysses' send buffer: the stacked, packed reference
-            assert row["shape_ok"] and row["v_equal"] and row["max_rel"] < 2e-6, (key, row)
+            assert row["shape_ok"] and row["v_equal"] and row["ops_equal"] and row["max_rel"] < 2e-6, (key, row)
             continue
         B, H, L, D, _, blhd = key.split(",")
         assert row["shape"] == [int(B), int(H), int(L), int(D)], key
@@ -178,6 +183,7 @@ def test_use_fused_kernels_sets_and_clears_every_blocks_choice_and_compile_leave
 
 @pytest.mark.gpu
 def test_gpu_send_buffer_kernel_matches_the_packed_reference_eagerly_and_compiled():
+    from fluxrt.accel import norm_rope
     from fluxrt.parallel.sp import pack_send
 
     dev = torch.device("cuda")
@@ -186,8 +192,8 @@ def test_gpu_send_buffer_kernel_matches_the_packed_reference_eagerly_and_compile
     qs, ks = (torch.rand(D, device=dev) + 0.5).bfloat16(), (torch.rand(D, device=dev) + 0.5).bfloat16()
     pe = A.rope(grid_ids(36, 32, 0)[None].to(dev), (32, 32, 32, 32), 2000)
     want = pack_send(torch.stack([*A.qk_norm_rope(q, k, qs, ks, pe), v]), n)
-    eager = torch.ops.fluxrt.norm_rope_send(q, k, v, qs, ks, pe, n)
-    compiled = torch.compile(lambda a, b, c: torch.ops.fluxrt.norm_rope_send(a, b, c, qs, ks, pe, n), fullgraph=True)
+    eager = norm_rope.send_buffer(q, k, v, qs, ks, pe, n)
+    compiled = torch.compile(lambda a, b, c: norm_rope.send_buffer(a, b, c, qs, ks, pe, n), fullgraph=True)
     for how, got in (("eager", eager), ("compiled", compiled(q, k, v))):
         assert got.shape == want.shape and torch.equal(got[:, 2], want[:, 2]), how  # v: copied as it is
         err, same = (got.float() - want.float()).abs().max().item(), (got == want).float().mean().item()

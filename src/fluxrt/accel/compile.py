@@ -73,9 +73,12 @@ def use_fused_kernels(model: nn.Module, kernel: str | None = FUSED_NORM_ROPE) ->
     choice, the reference by default); returns how many. Only the attribute changes, never a weight."""
     from ..models.attention import NORM_ROPE
     from ..models.transformer import QKNorm
+    from . import norm_rope
 
     if kernel is not None:
         NORM_ROPE.check(kernel)
+        if kernel in norm_rope.KERNELS and norm_rope.AVAILABLE:
+            norm_rope.kernels()  # Triton and the triton_ops, imported before any tracing
     norms = [m for m in model.modules() if isinstance(m, QKNorm)]
     for m in norms:
         if kernel is None:
@@ -87,9 +90,9 @@ def use_fused_kernels(model: nn.Module, kernel: str | None = FUSED_NORM_ROPE) ->
 
 def fused_kernels_available(model: nn.Module) -> bool:
     """The fused kernels run on this model: it is on a CUDA device and Triton imports."""
-    from .norm_rope import triton
+    from .norm_rope import AVAILABLE
 
-    return triton is not None and _device_of(model).type == "cuda"
+    return AVAILABLE and _device_of(model).type == "cuda"
 
 
 def compile_transformer(model: nn.Module, mode: str | None = None, *, fullgraph: bool = True, dynamic: bool = False,

@@ -126,11 +126,8 @@ def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
     fluxrt.accel.norm_rope's fused kernel (on CUDA), the kernel writes them into the buffer directly."""
     from ..accel import norm_rope
 
-    if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and q.is_cuda and norm_rope.triton is not None:
-        qs, ks = norm.query_norm.scale, norm.key_norm.scale
-        table = norm_rope.check_inputs(q, qs, pe)
-        norm_rope.check_inputs(k, ks, table)
-        return torch.ops.fluxrt.norm_rope_send(q, k, v, qs.contiguous(), ks.contiguous(), table, n)
+    if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and q.is_cuda and norm_rope.AVAILABLE:
+        return norm_rope.send_buffer(q, k, v, norm.query_norm.scale, norm.key_norm.scale, pe, n)
     return pack_send(torch.stack([*norm.with_rope(q, k, pe), v]), n)
 
 
