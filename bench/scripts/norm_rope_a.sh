@@ -2,6 +2,9 @@
 # Twelfth session, one GPU: the fused QK-norm + RoPE Triton kernel (fluxrt.accel.norm_rope). Its GPU test, then one
 # dev block of each kind compiled under the kernel variants (with inductor's code for the first two), then the whole
 # dev 1024² step compiled with and without it, bf16 and fp8, and diffusers' compiled step in the same call (issue 5).
+# As run (before 6f9c998): the kernel was then chosen per process and its rows were impls compiled-nr and
+# fp8-compiled-nr; compile_transformer now picks it on CUDA, and the same comparison is
+# --impls compiled-unfused,compiled,fp8-compiled-unfused,fp8-compiled,diffusers-compiled.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=src:/tmp/site
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > $OUT/gpus.txt
