@@ -198,3 +198,16 @@ def test_gpu_send_buffer_kernel_matches_the_packed_reference_eagerly_and_compile
         assert got.shape == want.shape and torch.equal(got[:, 2], want[:, 2]), how  # v: copied as it is
         err, same = (got.float() - want.float()).abs().max().item(), (got == want).float().mean().item()
         assert err <= 2**-5 and same > 0.99, (how, err, same)
+
+
+def test_kernels_are_used_only_where_they_can_run():
+    from fluxrt.accel import norm_rope
+
+    q = torch.randn(1, 2, 4, 8)
+    assert not norm_rope.usable(q)  # a CPU tensor
+    if torch.cuda.is_available():
+        g = torch.randn(1, 2, 4, 8, device="cuda")
+        assert norm_rope.usable(g) == norm_rope.AVAILABLE
+        assert not norm_rope.usable(g.requires_grad_())  # no backward: autograd needs the reference ops
+        with torch.no_grad():
+            assert norm_rope.usable(g) == norm_rope.AVAILABLE

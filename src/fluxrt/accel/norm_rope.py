@@ -70,9 +70,16 @@ def send_buffer(q, k, v, q_scale, k_scale, table, n: int) -> torch.Tensor:
     return kernels().send_op(q, k, v, q_scale.contiguous(), k_scale.contiguous(), table, n)
 
 
+def usable(*tensors: torch.Tensor) -> bool:
+    """The kernels run on these: CUDA tensors, Triton installed, and no gradient wanted (they have no backward;
+    a model trained after `compile_transformer` falls back to the reference ops, which autograd follows)."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return AVAILABLE and tensors[0].device.type == "cuda" and not grad
+
+
 def _kernel(blhd: bool):
     def norm_rope_triton(q, k, q_scale, k_scale, table):
-        if q.device.type != "cuda" or not AVAILABLE:
+        if not usable(q, k, q_scale, k_scale):
             return _norm_rope_reference(q, k, q_scale, k_scale, table)
         table = check_inputs(q, q_scale, table)
         check_inputs(k, k_scale, table)

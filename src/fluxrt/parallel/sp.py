@@ -126,8 +126,9 @@ def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
     fluxrt.accel.norm_rope's fused kernel (on CUDA), the kernel writes them into the buffer directly."""
     from ..accel import norm_rope
 
-    if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and q.is_cuda and norm_rope.AVAILABLE:
-        return norm_rope.send_buffer(q, k, v, norm.query_norm.scale, norm.key_norm.scale, pe, n)
+    qs, ks = norm.query_norm.scale, norm.key_norm.scale
+    if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and norm_rope.usable(q, k, v, qs, ks):
+        return norm_rope.send_buffer(q, k, v, qs, ks, pe, n)
     return pack_send(torch.stack([*norm.with_rope(q, k, pe), v]), n)
 
 
