@@ -63,11 +63,16 @@ def check_inputs(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor) -> t
     return table
 
 
-def send_buffer(q, k, v, q_scale, k_scale, table, n: int) -> torch.Tensor:
-    """q, k normed and rotated, v copied, into Ulysses' (n, 3, B, H/n, L, D) send buffer by the kernel (CUDA)."""
+def prepare(q, k, q_scale, k_scale, table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q's and k's (scale, scale, table) as the kernel reads them, both checked (`check_inputs`)."""
     table = check_inputs(q, q_scale, table)
     check_inputs(k, k_scale, table)
-    return kernels().send_op(q, k, v, q_scale.contiguous(), k_scale.contiguous(), table, n)
+    return q_scale.contiguous(), k_scale.contiguous(), table
+
+
+def send_buffer(q, k, v, q_scale, k_scale, table, n: int) -> torch.Tensor:
+    """q, k normed and rotated, v copied, into Ulysses' (n, 3, B, H/n, L, D) send buffer by the kernel (CUDA)."""
+    return kernels().send_op(q, k, v, *prepare(q, k, q_scale, k_scale, table), n)
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -81,10 +86,9 @@ def _kernel(blhd: bool):
     def norm_rope_triton(q, k, q_scale, k_scale, table):
         if not usable(q, k, q_scale, k_scale):
             return _norm_rope_reference(q, k, q_scale, k_scale, table)
-        table = check_inputs(q, q_scale, table)
-        check_inputs(k, k_scale, table)
+        q_scale, k_scale, table = prepare(q, k, q_scale, k_scale, table)
         op = kernels().rows_op
-        return op(q, q_scale.contiguous(), table, blhd), op(k, k_scale.contiguous(), table, blhd)
+        return op(q, q_scale, table, blhd), op(k, k_scale, table, blhd)
 
     return norm_rope_triton
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .norm_rope import BLOCK_L, EPS, check_inputs
+from .norm_rope import BLOCK_L, EPS, check_inputs, prepare
 
 
 @triton.jit
@@ -89,9 +89,7 @@ def norm_rope_rows(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, bl
 
 def norm_rope_send(q, k, v, q_scale, k_scale, table, n: int) -> torch.Tensor:
     """`_send`, launched directly (eager; also on CPU tensors under TRITON_INTERPRET=1)."""
-    table = check_inputs(q, q_scale, table)
-    check_inputs(k, k_scale, table)
-    return _send(q, k, v, q_scale.contiguous(), k_scale.contiguous(), table, n, triton_norm_rope_kernel)
+    return _send(q, k, v, *prepare(q, k, q_scale, k_scale, table), n, triton_norm_rope_kernel)
 
 
 @triton_op("fluxrt::norm_rope", mutates_args=())

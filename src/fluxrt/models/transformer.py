@@ -63,10 +63,7 @@ class QKNorm(nn.Module):
         self.query_norm = RMSNorm(dim)
         self.key_norm = RMSNorm(dim)
 
-    def forward(self, q, k, v):
-        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
-
-    def with_rope(self, q, k, pe):
+    def forward(self, q, k, pe):
         """Both norms, then RoPE by pe: one `qk_norm_rope` call (a fused kernel where one is chosen)."""
         return qk_norm_rope(q, k, self.query_norm.scale, self.key_norm.scale, pe, self.kernel)
 
@@ -152,7 +149,7 @@ class SelfAttention(nn.Module):
     def qkv_heads(self, x: torch.Tensor, pe: torch.Tensor):
         """q, k, v heads of this stream's tokens, q and k normed and rotated by pe (this stream's positions)."""
         q, k, v = split_heads(self.qkv(x), self.heads)
-        q, k = self.norm.with_rope(q, k, pe)
+        q, k = self.norm(q, k, pe)
         return q, k, v
 
 
@@ -204,7 +201,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(modulate(x, shift, scale)).split([3 * self.hidden, 2 * self.mlp_hidden], dim=-1)
         q, k, v = split_heads(qkv, self.heads)
-        q, k = self.norm.with_rope(q, k, pe)
+        q, k = self.norm(q, k, pe)
         attn = joint_attention(self, q, k, v, n_txt, kv)  # (B, L, H)
         return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..accel import norm_rope
 from ..accel.cache import share_step_cache
 from ..models.attention import attention, attention_backend, register_attention_backend
 from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
@@ -124,12 +125,10 @@ DIRECT_SEND = [True]  # benchmarks switch it off (bench/parallel.py :stack) to t
 def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
     """A block's q, k (normed, rotated by pe) and v -> the send buffer of `pack_send`; where the block's QK-norm runs
     fluxrt.accel.norm_rope's fused kernel (on CUDA), the kernel writes them into the buffer directly."""
-    from ..accel import norm_rope
-
     qs, ks = norm.query_norm.scale, norm.key_norm.scale
     if DIRECT_SEND[0] and norm.kernel in norm_rope.KERNELS and norm_rope.usable(q, k, v, qs, ks):
         return norm_rope.send_buffer(q, k, v, qs, ks, pe, n)
-    return pack_send(torch.stack([*norm.with_rope(q, k, pe), v]), n)
+    return pack_send(torch.stack([*norm(q, k, pe), v]), n)
 
 
 def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
