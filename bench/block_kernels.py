@@ -29,7 +29,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_device, compare, environment, fill_random_, inputs, run_main, time_steps, write_json
+from common import (
+    bench_device,
+    compare,
+    environment,
+    fill_random_,
+    first_call_s,
+    inputs,
+    run_main,
+    time_steps,
+    write_json,
+)
 from profile_step import profile_events, summarize
 
 import fluxrt.accel  # noqa: F401 - registers the fused kernels
@@ -92,13 +102,9 @@ def run_variant(name, block, args_, device, args, ref) -> tuple[dict, str]:
         def step():
             return compiled(*args_)
 
-        import time
-
-        t0 = time.perf_counter()
-        out, codes = run_and_get_code(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        first = time.perf_counter() - t0
+        got = {}
+        first = first_call_s(lambda: got.update(zip(("out", "codes"), run_and_get_code(step))), device)
+        out, codes = got["out"], got["codes"]
         times = time_steps(step, device, args.warmup, args.iters)
         source, records, _ = profile_events(step, device, args.profile_steps)
         prof = summarize(records, args.profile_steps, top=args.top)
