@@ -245,3 +245,30 @@ def test_parallel_generate_passes_its_flags_through_the_command_lines_checks(tmp
     assert rows[1]["max_abs"] <= 1, rows[1]
     with pytest.raises(ValueError, match="needs CUDA GPUs.*cpu"):
         parallel_generate.main([*base, "--flags=--transport copy-engine"])
+
+
+def test_step_ab_rounds_alternate_and_every_variant_is_timed(tmp_path):
+    import step_ab
+
+    out = tmp_path / "ab.json"
+    result = step_ab.main(["--dry-run", "--variants", "unfused,fused", "--out", str(out)])  # 2 rounds
+    saved = json.loads(out.read_text())
+    assert [r["order"] for r in saved["rounds"]] == [["unfused", "fused"], ["fused", "unfused"]]
+    assert all(r["s_per_step"]["unfused"] > 0 and r["s_per_step"]["fused"] > 0 for r in saved["rounds"])
+    s = result["summary"]
+    assert s["unfused"]["ratio_to_first"] == 1.0 and s["fused"]["rel_l2_vs_first"] == 0.0  # CPU: the same ops
+    with pytest.raises(SystemExit):
+        step_ab.main(["--dry-run", "--variants", "unfused,fast"])
+
+
+def test_block_kernels_dry_run_times_and_profiles_each_variant(tmp_path):
+    import block_kernels
+
+    out, code = tmp_path / "blocks.json", tmp_path / "code.txt"
+    block_kernels.main(["--dry-run", "--blocks", "single", "--variants", "base,nr", "--out", str(out),
+                        "--code", str(code)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["block"], r["variant"]) for r in rows] == [("single", "base"), ("single", "nr")]
+    for r in rows:
+        assert r["ms"] > 0 and r["first_call_s"] > 0 and r["top_kernels"] and r["rel_l2_vs_eager"] < 1e-5
+    assert "# ===== single block, variant base" in code.read_text()
