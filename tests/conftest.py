@@ -91,7 +91,7 @@ def spawn_all(n: int, fn, *args, timeout_s: float = 120) -> list:
     """fn(*args) on n forked CPU ranks (gloo); every rank's return value in rank order (`spawn` returns rank 0's)."""
     from fluxrt.parallel import spawn
 
-    return spawn(n, _gathered, fn, *args, start_method="fork", timeout_s=timeout_s)
+    return spawn(n, _gathered, fn, *args, start_method="fork", timeout_s=timeout_s, deadline_s=600)
 
 
 def _gathered(fn, *args) -> list:

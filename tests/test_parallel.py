@@ -9,6 +9,7 @@ the largest |difference| over all ranks. Token counts (7 text, 30 image, 12 refe
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def _errors_worker() -> list[str]:
 
 
 def _run(n: int, fn, *args):
-    return spawn(n, fn, *args, start_method="fork", timeout_s=120)
+    return spawn(n, fn, *args, start_method="fork", timeout_s=120, deadline_s=600)
 
 
 @pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])
@@ -399,6 +400,40 @@ def test_error_on_any_rank_is_raised_with_its_rank():
     with pytest.raises(KeyError, match="rank 1 of 2: 'boom'") as err:
         _run(2, _failing_worker, 1)
     assert any("_failing_worker" in note for note in err.value.__notes__)  # the child's traceback comes along
+
+
+def _sleeping_worker() -> None:
+    time.sleep(60)
+
+
+def test_ranks_past_the_deadline_are_stopped():
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match="_sleeping_worker still running after deadline_s=1.5 s"):
+        spawn(2, _sleeping_worker, start_method="fork", deadline_s=1.5)
+    assert time.monotonic() - start < 30
+    with pytest.raises(ValueError, match="deadline_s must be positive seconds, got 0"):
+        spawn(2, _sleeping_worker, start_method="fork", deadline_s=0)
+
+
+def _thread_pool_worker() -> int:
+    from torch._inductor.async_compile import AsyncCompile
+
+    return AsyncCompile.pool().submit(lambda: 7).result(timeout=30)
+
+
+def test_forked_ranks_get_their_own_compile_thread_pool(monkeypatch):
+    """inductor's compile thread pool, used in the parent before a fork: a child that compiles must not wait on the
+    parent's threads (they do not exist after the fork; this hung CI for 80 minutes)."""
+    import torch._inductor.async_compile as ac
+
+    monkeypatch.setattr(ac, "get_compile_threads", lambda: 2)
+    ac.AsyncCompile.pool.cache_clear()
+    try:
+        assert ac.AsyncCompile.pool().submit(lambda: 3).result(timeout=30) == 3  # the parent's threads start
+        assert _run(2, _thread_pool_worker) == 7
+    finally:
+        ac.AsyncCompile.pool().shutdown(wait=True)
+        ac.AsyncCompile.pool.cache_clear()
 
 
 def test_nccl_environment_reaches_ranks_unchanged(monkeypatch):

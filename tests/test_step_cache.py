@@ -170,7 +170,7 @@ def test_parallel_ranks_skip_the_same_steps_as_one_process(plan):
     steps one process skips and the image matches it (fp32 tolerance of the parallel plans)."""
     from fluxrt.parallel import spawn
 
-    out, steps, skipped = spawn(2, _parallel_cached, plan, start_method="fork", timeout_s=120)
+    out, steps, skipped = spawn(2, _parallel_cached, plan, start_method="fork", timeout_s=120, deadline_s=600)
     model = tiny_flow(guidance_embed=plan != "batch2")
     noise, ctx = _inputs(model.cfg)
     state = apply_step_cache(model, 1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -121,6 +122,7 @@ def _first_error(folder: str, world: int, failure: ProcessException) -> BaseExce
 
 
 def _child(rank: int, n: int, port: int, folder: str, timeout_s: float, device_type, fn, args) -> None:
+    _forget_parent_threads()
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -138,22 +140,58 @@ def _child(rank: int, n: int, port: int, folder: str, timeout_s: float, device_t
     dist.destroy_process_group()
 
 
-def spawn(n: int, fn, *args, start_method: str = "spawn", timeout_s: float = 600.0, device_type: str | None = None):
+def spawn(
+    n: int,
+    fn,
+    *args,
+    start_method: str = "spawn",
+    timeout_s: float = 600.0,
+    device_type: str | None = None,
+    deadline_s: float | None = None,
+):
     """Run fn(*args) in n new local processes joined in one process group; return rank 0's return value.
 
     fn must be importable (module level). `start_method="fork"` starts in milliseconds but is for CPU only
     (CUDA cannot be used after fork); "spawn" re-imports everything in each child. device_type: None (cuda if
     available), "cuda" or "cpu". When a rank raises, the others are stopped and its exception is raised here:
     same type, message "rank r of n: ...", the child's traceback as a note (`with_rank`).
+    timeout_s bounds each collective (the process group's timeout); deadline_s, if given, bounds the whole run:
+    past it the ranks are killed and TimeoutError is raised (a rank stuck outside a collective never times out).
     """
+    if deadline_s is not None and deadline_s <= 0:
+        raise ValueError(f"deadline_s must be positive seconds, got {deadline_s!r}")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.pt")
         args = (n, free_port(), tmp, timeout_s, device_type, fn, args)
+        ctx = mp.start_processes(_child, args=args, nprocs=n, join=False, start_method=start_method)
+        end = None if deadline_s is None else time.monotonic() + deadline_s
         try:
-            mp.start_processes(_child, args=args, nprocs=n, join=True, start_method=start_method)
+            while not ctx.join(None if end is None else max(0.0, end - time.monotonic())):
+                if end is not None and time.monotonic() >= end:
+                    _kill(ctx)
+                    raise TimeoutError(f"{n} ranks of {getattr(fn, '__name__', fn)} still running after "
+                                       f"deadline_s={deadline_s} s; stopped")  # fmt: skip
         except ProcessException as failure:
             raise _first_error(tmp, n, failure) from None
         return torch.load(result, weights_only=False) if os.path.exists(result) else None
+
+
+def _kill(ctx) -> None:
+    """Stop every rank of a process context still alive and reap it."""
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+    for p in ctx.processes:
+        p.join(5)
+
+
+def _forget_parent_threads() -> None:
+    """In a forked child: drop inductor's compile thread pool inherited from the parent. Its threads did not survive
+    the fork, but the executor still counts them, so the first compile in the child would wait forever (torch resets
+    its process pools after a fork, not this one)."""
+    module = sys.modules.get("torch._inductor.async_compile")
+    if module is not None:
+        module.AsyncCompile.pool.cache_clear()
 
 
 @dataclass(frozen=True)
