@@ -213,7 +213,7 @@ def test_parallel_bench_refuses_unknown_plan_variants_with_the_known_ones():
     from fluxrt.parallel import DistInfo
 
     info = DistInfo(0, 2, 0, torch.device("cpu"))
-    with pytest.raises(ValueError, match="unknown plan variant 'fast' in 'sp2:ce:fast'; known: overlap, ce, cepull, ceflat, celandout, ceaside"):
+    with pytest.raises(ValueError, match="unknown plan variant 'fast' in 'sp2:ce:fast'; known: overlap, ce, cepull, ceflat, ceperm, unfused, stack"):
         parallel_bench.run_plan("sp2:ce:fast", TINY.transformer, 32, 1, info)
 
 

@@ -5,6 +5,7 @@
 # $OUT/errors.txt. Used by landing_a.sh, landing_b.sh and norm_rope_c.sh.
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 name=$1; shift
+rm -f /tmp/alt*.json /tmp/alt*.log  # a warm machine keeps the last call's rows
 R="python3 -m torch.distributed.run --standalone --nproc-per-node ${NPROC:-4} bench/parallel.py --model flux.2-dev --compile --steps 50 --sizes 1024 --cuda-graph"
 i=0
 for plan in "$@"; do

@@ -1,4 +1,6 @@
 #!/bin/bash
+# (Run in the fourteenth session with the fused kernel, as `alternate_plans.sh variants_fused ...`: bench/RESULTS.md.
+# Since then `:celandout` is what `:ce` does, and `:ceaside` was removed: it gained nothing.)
 # (Prepared in the eleventh session for the next one; not yet run.) 4 GPUs of one host, SP 4 --overlap, dev 1024²,
 # compiled bf16, 50 steps, CUDA graph, alternating on one machine: the default copy-engine transport (`:ce`: push,
 # q, k, v landing in head order) against the two untimed variants: `:celandout` (the attention's output also lands

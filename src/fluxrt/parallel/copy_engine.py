@@ -40,8 +40,7 @@ _SETTINGS = {  # CopyEngineExchange's settings per transport name; the variants,
     "copy-engine": {},
     "copy-engine-pull": {"push": False},  # bench/parallel.py's :cepull
     "copy-engine-flat": {"land": False},  # :ceflat
-    "copy-engine-land-output": {"land_output": True},  # :celandout, not timed yet
-    "copy-engine-aside": {"aside": True},  # :ceaside, not timed yet
+    "copy-engine-permute-output": {"land_output": False},  # :ceperm
 }
 VARIANTS = tuple(name for name in _SETTINGS if name not in TRANSPORTS)
 
@@ -135,21 +134,16 @@ class CopyEngineExchange:
     which each rank reaches after its pulls from buffer i.
     land: Ulysses asks for its q, k, v to land in head order (`start(send, dim)`), no permute kernel after;
     False: they land rank by rank and a kernel permutes them (to compare: bench variant `:ceflat`).
-    land_output: the attention's output is sent as it lies (token chunks of the (B, L, h/n*D) output) and lands in
-    the (B, Ls, h*D) layout the next linear reads: no permute kernel before or after it (rows of h/n*D elements;
-    built and tested on the CPU, not timed yet: bench variant `:celandout`).
-    aside: push mode copies this rank's own chunk into its buffer on the barrier's stream instead of the current
-    one, so the compute issued after `start` does not wait for it (a device-local copy per exchange; in pull
-    mode's profile such copies ran as a `memcpy128` kernel, 2 ms per 1024² step; not timed yet: bench variant
-    `:ceaside`).
+    land_output (default): the attention's output is sent as it lies (token chunks of the (B, L, h/n*D) output)
+    and lands in the (B, Ls, h*D) layout the next linear reads: no permute kernel before or after it (rows of
+    h/n*D elements); 0.3-0.4% faster per image than permuting it first (False, bench variant `:ceperm`), on 2 and
+    4 H200s (bench/RESULTS.md).
     """
 
-    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True, land_output: bool = False,
-                 aside: bool = False):  # fmt: skip
+    def __init__(self, group=None, buffer=None, push: bool = True, land: bool = True, land_output: bool = True):
         self.group = group if group is not None else dist.group.WORLD
         self.n, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.buffer, self.push, self.land, self.land_output = buffer, push, land, land_output
-        self.aside = aside
         self._slots: dict[tuple, _Slot] = {}
         self._fences: dict[torch.device, object] = {}  # `begin`'s one-element buffers
         self._streams: list | None = None
@@ -235,8 +229,7 @@ class CopyEngineExchange:
     def _push(self, send, buf, local, remote, streams, main, dim) -> torch.Tensor:
         """Chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer (`local`)."""
         fence = streams[0]
-        if not self.aside:
-            copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
+        copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
         for i in range(1, self.n):
             dst, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, main)
@@ -245,8 +238,6 @@ class CopyEngineExchange:
             _follow(fence, stream)
         _follow(fence, main)
         with _on(fence):
-            if self.aside:  # this rank's own chunk beside the compute that follows, not before it
-                copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
             buf.barrier()  # every rank has written into every buffer
         return local
 
