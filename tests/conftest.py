@@ -87,11 +87,17 @@ def load_manifest(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in json.loads(path.read_text())["tensors"].items()}
 
 
-def spawn_all(n: int, fn, *args, timeout_s: float = 120) -> list:
-    """fn(*args) on n forked CPU ranks (gloo); every rank's return value in rank order (`spawn` returns rank 0's)."""
+def spawn_cpu(n: int, fn, *args, timeout_s: float = 120):
+    """fn(*args) on n forked CPU ranks (gloo); rank 0's return value. Each collective is bounded by timeout_s and
+    the whole run by 600 s (`spawn`'s deadline_s: a rank stuck outside a collective fails the test, not CI)."""
     from fluxrt.parallel import spawn
 
-    return spawn(n, _gathered, fn, *args, start_method="fork", timeout_s=timeout_s, deadline_s=600)
+    return spawn(n, fn, *args, start_method="fork", timeout_s=timeout_s, deadline_s=600)
+
+
+def spawn_all(n: int, fn, *args, timeout_s: float = 120) -> list:
+    """`spawn_cpu`, with every rank's return value in rank order."""
+    return spawn_cpu(n, _gathered, fn, *args, timeout_s=timeout_s)
 
 
 def _gathered(fn, *args) -> list:

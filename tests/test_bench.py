@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, spawn_cpu
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import common
@@ -176,9 +176,7 @@ def _parallel_bench_worker(plans: tuple[str, ...]) -> list[dict]:
 def test_parallel_bench_times_cfg_models_and_batch_plans():
     """bench/parallel.py runs a CFG model in CFG mode, and a batch plan puts one CFG half on each rank, checked
     against one process first (same weights, bf16)."""
-    from fluxrt.parallel import spawn
-
-    one, batch = spawn(2, _parallel_bench_worker, ("1", "batch2"), start_method="fork", timeout_s=120, deadline_s=600)
+    one, batch = spawn_cpu(2, _parallel_bench_worker, ("1", "batch2"))
     assert one["mode"] == batch["mode"] == "cfg" and one["gpus"] == 1 and batch["gpus"] == 2 == batch["batch"]
     assert batch["check_max_abs_diff"] <= 0.01 * batch["check_ref_max_abs"] and batch["output_finite"]  # bf16
 
@@ -197,9 +195,7 @@ def _parallel_profile_worker() -> dict:
 
 def test_parallel_bench_profiles_a_plan_with_its_collectives():
     """--profile-steps bins a Ulysses plan's work per step; its all-to-alls land in the collective bin."""
-    from fluxrt.parallel import spawn
-
-    res = spawn(2, _parallel_profile_worker, start_method="fork", timeout_s=120, deadline_s=600)  # rank 0's
+    res = spawn_cpu(2, _parallel_profile_worker)  # rank 0's
     prof = res["profile"]
     assert prof["steps"] == 2 and prof["source"] == "cpu" and prof["wall_ms_per_step"] > 0
     assert prof["categories"]["collective"]["calls_per_step"] >= 2 * 2  # q,k,v and output, >= 2 blocks

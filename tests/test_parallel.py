@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_flow
+from conftest import spawn_cpu, tiny_flow
 
 from fluxrt.config import TINY
 from fluxrt.models.attention import attention
@@ -120,7 +120,7 @@ def _errors_worker() -> list[str]:
 
 
 def _run(n: int, fn, *args):
-    return spawn(n, fn, *args, start_method="fork", timeout_s=120, deadline_s=600)
+    return spawn_cpu(n, fn, *args)
 
 
 @pytest.mark.parametrize("refs", [False, True], ids=["t2i", "refs"])

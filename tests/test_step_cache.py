@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import spawn_all, tiny_flow
+from conftest import spawn_all, spawn_cpu, tiny_flow
 
 from fluxrt.accel.cache import apply_step_cache, remove_step_cache
 from fluxrt.accel.compile import compile_transformer
@@ -168,9 +168,7 @@ def _parallel_cached(plan: str) -> tuple[torch.Tensor, int, int]:
 def test_parallel_ranks_skip_the_same_steps_as_one_process(plan):
     """Each rank holds part of the tokens (SP) or rows (batch): they decide together, so the ranks skip exactly the
     steps one process skips and the image matches it (fp32 tolerance of the parallel plans)."""
-    from fluxrt.parallel import spawn
-
-    out, steps, skipped = spawn(2, _parallel_cached, plan, start_method="fork", timeout_s=120, deadline_s=600)
+    out, steps, skipped = spawn_cpu(2, _parallel_cached, plan)
     model = tiny_flow(guidance_embed=plan != "batch2")
     noise, ctx = _inputs(model.cfg)
     state = apply_step_cache(model, 1.0)
