@@ -102,9 +102,7 @@ def run_variant(name, block, args_, device, args, ref) -> tuple[dict, str]:
         def step():
             return compiled(*args_)
 
-        got = {}
-        first = first_call_s(lambda: got.update(zip(("out", "codes"), run_and_get_code(step))), device)
-        out, codes = got["out"], got["codes"]
+        first, (out, codes) = first_call_s(lambda: run_and_get_code(step), device)
         times = time_steps(step, device, args.warmup, args.iters)
         source, records, _ = profile_events(step, device, args.profile_steps)
         prof = summarize(records, args.profile_steps, top=args.top)

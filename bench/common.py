@@ -181,13 +181,14 @@ def time_steps(fn, device, warmup: int, iters: int | None, target_s: float = 3.0
     return [time_once(fn, device) for _ in range(iters)]
 
 
-def first_call_s(fn, device) -> float:
-    """Wall seconds of one call, host clock, synchronised: compile time + one step for a fresh compiled model."""
+def first_call_s(fn, device) -> tuple[float, object]:
+    """(wall seconds, return value) of one call of fn, host clock, synchronised: compile time + one step for a
+    fresh compiled model."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    value = fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, value
 
 
 def _scaled_mm_rowwise(qa, qb, sa, sb):

@@ -86,7 +86,7 @@ def _run(args):
     with torch.inference_mode():
         for name in args.variants:  # compiles each variant's graphs, then they stay cached side by side
             setting(name)
-            result["warmup"][name] = first_call_s(lambda n=name: outs.__setitem__(n, model(*inp).float().cpu()), device)
+            result["warmup"][name], outs[name] = first_call_s(lambda: model(*inp).float().cpu(), device)
             print(f"{name}: first call {result['warmup'][name]:.1f} s", flush=True)
         order = list(args.variants)
         for r in range(args.rounds):

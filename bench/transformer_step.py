@@ -130,23 +130,19 @@ def run_impl(name, fn, device, args, record, **extra) -> torch.Tensor | None:
 
     Any failure (out of memory, a compile error) becomes the row's `error` and the run goes on.
     """
-    first = {}
-
-    def first_call():
-        first["y"] = fn()
-
+    y = None
     try:
         reset_peak(device)
-        seconds = first_call_s(first_call, device)
+        seconds, y = first_call_s(fn, device)
         times = time_steps(fn, device, args.warmup, args.iters)
         record(name, {"first_call_s": seconds, "s_per_step": statistics.median(times), "min_s": min(times),
                       "iters": len(times), "peak_mem_gib": peak_gib(device), **extra})  # fmt: skip
-        return first["y"].float().cpu()
+        return y.float().cpu()
     except Exception as e:  # noqa: BLE001 - a benchmark row records what went wrong and the run continues
         msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         print(f"  {name}: FAILED {msg}", flush=True)
         record(name, {"error": msg, **extra})
-        first.clear()
+        y = None  # the first call's output, freed before release empties the cache
         release(device)
         return None
 
