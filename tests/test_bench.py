@@ -268,3 +268,60 @@ def test_block_kernels_dry_run_times_and_profiles_each_variant(tmp_path):
     for r in rows:
         assert r["ms"] > 0 and r["first_call_s"] > 0 and r["top_kernels"] and r["rel_l2_vs_eager"] < 1e-5
     assert "# ===== single block, variant base" in code.read_text()
+
+
+def test_step_products_are_the_forward_s_linears_and_attentions_with_their_shapes():
+    import sustained
+
+    from fluxrt.config import get_preset
+
+    cfg = get_preset("flux.2-dev").transformer
+    products = sustained.step_products(cfg, 1024)  # recorded from a meta-device forward of the full-size model
+    attn = [p for p in products if p.name == "attention"]
+    assert len(attn) == cfg.depth + cfg.depth_single_blocks
+    assert {(p.m, p.k, p.n, p.d) for p in attn} == {(48, 4608, 4608, 128)}
+    lin = {p.name: (p.m, p.k, p.n) for p in products if p.name != "attention"}
+    assert lin["single_blocks.47.linear1"] == (4608, 6144, 3 * 6144 + 2 * 18432)
+    assert lin["double_blocks.0.txt_attn.qkv"] == (512, 6144, 3 * 6144)
+    assert lin["double_stream_modulation_img.lin"][0] == 1
+    # the same FLOPs as the benchmarks' formula (which leaves out the embedders of t and guidance, the modulations
+    # and the final layer's adaLN: all batch-1 products)
+    big = sum(p.flops for p in products if p.name == "attention" or p.m > 1)
+    assert big == pytest.approx(common.step_flops(cfg, 512, 4096), rel=1e-6)
+    # one rank of Ulysses over 2 GPUs: half of every stream's tokens, half the heads, the batch-1 products whole
+    half = {p.name: (p.m, p.k, p.n, p.d) for p in sustained.step_products(cfg, 1024, shard=2)}
+    assert half["single_blocks.47.linear1"][0] == 2304 and half["double_blocks.0.txt_attn.qkv"][0] == 256
+    assert half["attention"] == (24, 4608, 4608, 128) and half["double_stream_modulation_img.lin"][0] == 1
+
+
+def test_sustained_dry_run_times_and_profiles_every_workload(tmp_path):
+    import sustained
+
+    out = tmp_path / "sustained.json"
+    sustained.main(["--dry-run", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert list(saved["workloads"]) == list(sustained.WORKLOADS)
+    for name, row in saved["workloads"].items():
+        assert row["units"] >= 2 and row["sustained"]["tflops"] > 0, name
+        assert row["profile"]["categories"]["gemm"]["calls_per_step"] > 0, name
+    products = saved["workloads"]["products"]["profile"]["categories"]
+    calls = products["attention"]["calls_per_step"]  # on the CPU each call shows as the op and its kernel op
+    assert calls > 0 and calls % 4 == 0  # the tiny preset's 2 double + 2 single blocks
+    with pytest.raises(SystemExit):
+        sustained.main(["--dry-run", "--workloads", "square,cube"])
+
+
+def test_gpu_samples_are_parsed_and_averaged_per_window():
+    import sustained
+
+    lines = ["2026/11/27 15:00:00.000, 1980, 450.5, 50, 0x0000000000000000",
+             "2026/11/27 15:00:01.000, 1755, 699.9, 60, 0x0000000000000004",
+             "2026/11/27 15:00:02.000, 1695, 700.1, 62, 0x0000000000000004",
+             "2026/11/27 15:00:03.000, [N/A], 700.0, 63, 0x0000000000000020", "garbage",
+             "2026/11/27 15:00:09.000, 1700, 690.0, 60"]  # a driver without the reasons field  # fmt: skip
+    samples = [s for s in map(sustained.parse_sample, lines) if s is not None]
+    assert len(samples) == 5 and "clocks.sm" not in samples[3][1] and "reasons" not in samples[4][1]
+    t0 = samples[0][0]
+    w = sustained.window_stats(samples, t0 + 0.5, t0 + 3.5)
+    assert w["samples"] == 3 and w["sm_mhz"] == pytest.approx(1725) and w["power_w"] == pytest.approx(700.0)
+    assert w["power_capped"] == pytest.approx(2 / 3) and w["thermal"] == pytest.approx(1 / 3)
