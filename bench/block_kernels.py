@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    add_case_args,
     bench_device,
     compare,
     environment,
@@ -115,9 +116,7 @@ def run_variant(name, block, args_, device, args, ref) -> tuple[dict, str]:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="flux.2-dev")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--n-txt", type=int, default=512)
+    add_case_args(ap, refs=False)
     ap.add_argument("--blocks", default=",".join(BLOCKS), type=lambda s: s.split(","))
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--warmup", type=int, default=5)

@@ -307,6 +307,15 @@ def run_main(run, args):
         torch.set_num_threads(threads)
 
 
+def add_case_args(ap, refs: bool = True) -> None:
+    """The one-case options several benchmarks share: --model, --size, --refs (unless refs=False), --n-txt."""
+    ap.add_argument("--model", default="flux.2-dev")
+    ap.add_argument("--size", type=int, default=1024)
+    if refs:
+        ap.add_argument("--refs", type=int, default=0)
+    ap.add_argument("--n-txt", type=int, default=512)
+
+
 def bench_device(args) -> tuple[torch.device, torch.dtype]:
     """(cpu, fp32) for a dry run, else (cuda, bf16); exits with a message when there is no GPU."""
     device = torch.device("cpu" if args.dry_run else "cuda")

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    add_case_args,
     bench_device,
     compare,
     dynamo_limits,
@@ -47,10 +48,7 @@ VARIANTS = {"unfused": None, "fused": "triton-blhd", "fused-bhld": "triton"}  # 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="flux.2-dev")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--refs", type=int, default=0)
-    ap.add_argument("--n-txt", type=int, default=512)
+    add_case_args(ap)
     ap.add_argument("--variants", default="unfused,fused", type=lambda s: s.split(","))
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")

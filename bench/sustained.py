@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     _scaled_mm_rowwise,
+    add_case_args,
     bench_device,
     environment,
     free,
@@ -304,10 +305,7 @@ def compiled_step(cfg, size, refs, n_txt, device, dtype, dry: bool):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="flux.2-dev")
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--refs", type=int, default=0)
-    ap.add_argument("--n-txt", type=int, default=512)
+    add_case_args(ap)
     ap.add_argument("--shard", type=int, default=1, help="the products of one rank of Ulysses SP over N GPUs")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), type=lambda s: s.split(","))
     ap.add_argument("--seconds", type=float, default=15.0, help="run time of each workload")
