@@ -175,6 +175,21 @@ def _smi_target(device) -> str:
     return str(device.index or 0)
 
 
+@functools.cache
+def _smi_query(target: str) -> list[str] | None:
+    """The nvidia-smi command querying SMI_FIELDS of card `target`, with the clock-event field this driver knows
+    (else without it); None where nvidia-smi does not run. Probed once per card, not once per workload."""
+    for reasons in (*REASON_FIELDS, None):
+        fields = ",".join(["timestamp", *SMI_FIELDS[:3], *([reasons] if reasons else [])])
+        cmd = ["nvidia-smi", "-i", target, f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
+        try:
+            if subprocess.run(cmd, check=False, capture_output=True, timeout=20).returncode == 0:
+                return cmd
+        except (OSError, subprocess.TimeoutExpired):
+            return None  # no nvidia-smi: no samples
+    return None
+
+
 class Sampler:
     """`nvidia-smi` sampling SMI_FIELDS every `period_ms` in the background while in use; `samples` then holds
     (host time s, {field: value}). Nothing (and no error) where there is no nvidia-smi or no CUDA device."""
@@ -183,21 +198,10 @@ class Sampler:
         self.device, self.period_ms, self.samples, self.proc = device, period_ms, [], None
 
     def __enter__(self):
-        if self.device.type != "cuda":
-            return self
-        target = _smi_target(self.device)
-        for reasons in (*REASON_FIELDS, None):  # the clock-event field this driver knows, else none
-            fields = ",".join(["timestamp", *SMI_FIELDS[:3], *([reasons] if reasons else [])])
-            cmd = ["nvidia-smi", "-i", target, f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
-            try:
-                if subprocess.run(cmd, check=False, capture_output=True, timeout=20).returncode == 0:
-                    break
-            except (OSError, subprocess.TimeoutExpired):
-                return self  # no nvidia-smi: no samples
-        else:
-            return self
-        self.proc = subprocess.Popen([*cmd, "-lms", str(self.period_ms)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        cmd = _smi_query(_smi_target(self.device)) if self.device.type == "cuda" else None
+        if cmd is not None:
+            self.proc = subprocess.Popen([*cmd, "-lms", str(self.period_ms)], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True)  # fmt: skip
         return self
 
     def __exit__(self, *exc):
@@ -244,9 +248,8 @@ def window_stats(samples, start: float, end: float) -> dict:
 # ------------------------------------------------------------------------------------------ running
 def run_for(unit, flops: float, device, seconds: float, idle_s: float, burst_s: float = 1.0) -> dict:
     """One warm-up call, a rest of `idle_s`, then `unit` back to back for about `seconds` (the first call's time
-    after the rest sets the count),
-    each call timed with CUDA events (host clock off CUDA). TFLOP/s and samples over the first `burst_s` and the
-    second half."""
+    after the rest sets the count), each call timed with CUDA events (host clock off CUDA). TFLOP/s and samples
+    over the first `burst_s` and the second half."""
     cuda = device.type == "cuda"
     unit()  # warm-up (a compile, cuBLAS's heuristics, the allocator)
     sync(device)

@@ -325,3 +325,24 @@ def test_gpu_samples_are_parsed_and_averaged_per_window():
     w = sustained.window_stats(samples, t0 + 0.5, t0 + 3.5)
     assert w["samples"] == 3 and w["sm_mhz"] == pytest.approx(1725) and w["power_w"] == pytest.approx(700.0)
     assert w["power_capped"] == pytest.approx(2 / 3) and w["thermal"] == pytest.approx(1 / 3)
+
+
+def test_nvidia_smi_query_falls_back_to_the_clock_event_field_the_driver_knows(tmp_path, monkeypatch):
+    import os
+
+    import sustained
+
+    fake = tmp_path / "nvidia-smi"  # an old driver: knows clocks_throttle_reasons, not clocks_event_reasons
+    fake.write_text('#!/bin/sh\ncase "$*" in *clocks_event_reasons*) exit 6;; esac\necho ok\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sustained._smi_query.cache_clear()
+    try:
+        cmd = sustained._smi_query("00000000:1B:00.0")
+        assert cmd[:3] == ["nvidia-smi", "-i", "00000000:1B:00.0"]
+        assert cmd[3] == "--query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+        fake.write_text("#!/bin/sh\nexit 9\n")  # a driver that answers nothing: no samples, no error
+        sustained._smi_query.cache_clear()
+        assert sustained._smi_query("00000000:1B:00.0") is None
+    finally:
+        sustained._smi_query.cache_clear()
