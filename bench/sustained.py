@@ -13,6 +13,11 @@ power draw and clock-event reasons (power cap, thermal) every 100 ms:
   with the shapes the real model gives them (recorded from a forward on the meta device: `step_products`), random
   operands and nothing between them. Its time is what one step would take if all the elementwise work were free: a
   floor for any step made of these products, at the clock this card holds under them.
+- products-ew: the products, each block linear followed by a streaming elementwise kernel (a negation) moving as many bytes as the elementwise
+  work after it must read and write at the least (`elementwise_traffic`: every kernel fused as far as a separate
+  kernel can be, nothing read twice). Its time is a floor for any step whose matmuls are cuBLAS's (no fused
+  epilogues) and whose elementwise kernels run between them. products-ew-side: the same kernels on a second stream,
+  beside the products: the floor if that work could hide behind the matmuls entirely.
 - products-fp8: the same with the linears of the default fp8 layer choice (`fluxrt.quant.fp8.FP8_SKIP`) as
   rowwise-scaled fp8 products on operands quantized ahead (no quantization kernels: a floor for the fp8 step);
   products-fp8-all: every block linear in fp8 (`DEFAULT_SKIP`).
@@ -26,6 +31,7 @@ attention, triton, ...). Off CUDA (--dry-run: tiny preset, fp32, fp8 emulated) t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import shlex
@@ -61,7 +67,7 @@ from profile_step import profile_events, summarize
 from fluxrt.config import get_preset
 from fluxrt.quant.fp8 import DEFAULT_SKIP, FP8_SKIP, dequantize_rowwise, fp8_matmul_reference, quantize_rowwise, skipped
 
-WORKLOADS = ("square", "products", "products-fp8", "products-fp8-all", "step")
+WORKLOADS = ("square", "products", "products-ew", "products-ew-side", "products-fp8", "products-fp8-all", "step")
 SMI_FIELDS = ("clocks.sm", "power.draw", "temperature.gpu", "reasons")  # reasons: the first REASON_FIELDS known
 REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer drivers, older ones
 POWER_CAP, THERMAL = 0x4, 0x20 | 0x40  # clock-event reason bits: software power cap; software/hardware thermal
@@ -125,9 +131,33 @@ def step_products(cfg, size: int, refs: int = 0, n_txt: int = 512, shard: int = 
     return out
 
 
-def product_unit(products: list[Product], device, dtype, fp8_skip: tuple | None):
+def elementwise_traffic(p: Product) -> int:
+    """Elements (of the compute dtype) the elementwise work after block linear `p` must read plus write, at the
+    least, per FLUX.2 block: after q, k, v: read, normed and rotated, written into the exchange's buffer (2 x out);
+    after a gate-up product: SwiGLU reads 2F, writes F (1.5 x out); after a projection back to the hidden width
+    (attention projection, MLP down, linear2): the gated residual and the next LayerNorm + modulation in one pass,
+    reading x and the product, writing x and the modulated input (4 x out). A single block's linear1 (out = 3 D + 2 F,
+    in = D) is q, k, v and gate-up at once. Anything else (embedders, modulation, final layer): 0."""
+    name, rows = p.name, p.m
+    if name == "attention":
+        return 0
+    if name.endswith("attn.qkv"):
+        return 2 * rows * p.n
+    if name.endswith("mlp.0"):
+        return 3 * rows * p.n // 2
+    if name.endswith(("attn.proj", "mlp.2", "linear2")):
+        return 4 * rows * p.n
+    if name.endswith("linear1"):
+        qkv = 3 * p.k
+        return rows * (2 * qkv + 3 * (p.n - qkv) // 2)
+    return 0
+
+
+def product_unit(products: list[Product], device, dtype, fp8_skip: tuple | None, elementwise: str | None = None):
     """A callable running every product once on random operands (one per distinct shape, made here); linears
-    outside `fp8_skip` (None: none) as rowwise-scaled fp8 products on operands quantized ahead."""
+    outside `fp8_skip` (None: none) as rowwise-scaled fp8 products on operands quantized ahead. elementwise:
+    "serial" puts an elementwise kernel moving `elementwise_traffic(p)` elements after each linear p (half read,
+    half written), "side" the same kernels on a second stream beside the products, None none."""
     made: dict = {}
 
     def operand(key, make):
@@ -139,7 +169,7 @@ def product_unit(products: list[Product], device, dtype, fp8_skip: tuple | None)
         return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)
 
     fp8_mm = _scaled_mm_rowwise if device.type == "cuda" else _fp8_emulated
-    calls = []
+    calls, beside = [], []
     for p in products:
         if p.name == "attention":
             q = operand(("q", p.m, p.k, p.d), lambda p=p: rand(1, p.m, p.k, p.d))
@@ -153,10 +183,25 @@ def product_unit(products: list[Product], device, dtype, fp8_skip: tuple | None)
             a = operand(("a", p.m, p.k), lambda p=p: rand(p.m, p.k))
             w = operand(("w", p.k, p.n), lambda p=p: rand(p.n, p.k))
             calls.append(functools.partial(F.linear, a, w))
+        n = elementwise_traffic(p) // 2 if elementwise else 0
+        if n:
+            src = operand(("ew-src", n), lambda n=n: rand(n))
+            dst = operand(("ew-dst", n), lambda n=n: torch.empty(n, device=device, dtype=dtype))
+            # an SM kernel, as the fused elementwise kernels are (a same-dtype copy_ could go to the copy engines)
+            (beside if elementwise == "side" else calls).append(functools.partial(torch.neg, src, out=dst))
+
+    side = torch.cuda.Stream(device) if elementwise == "side" and device.type == "cuda" else None
 
     def unit():
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for c in beside:  # all queued first: the side stream runs them while the products run
+                c()
         for c in calls:
             c()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
 
     return unit
 
@@ -343,7 +388,8 @@ def _run(args):
               "ceilings": matmul_ceilings(device, args.ceiling_n),
               "step_flops": step_flops(cfg, args.n_txt, n_img),
               "products": {"count": len(products), "flops": sum(p.flops for p in products),
-                           "attention_flops": sum(p.flops for p in products if p.name == "attention")},
+                           "attention_flops": sum(p.flops for p in products if p.name == "attention"),
+                           "elementwise_bytes": sum(elementwise_traffic(p) for p in products) * dtype.itemsize},
               "workloads": {}}  # fmt: skip
     for name in args.workloads:
         model = None
@@ -355,8 +401,9 @@ def _run(args):
             model, unit = compiled_step(cfg, args.size, args.refs, args.n_txt, device, dtype, args.dry_run)
             flops = report["step_flops"]
         else:
-            skip = {"products": None, "products-fp8": FP8_SKIP, "products-fp8-all": DEFAULT_SKIP}[name]
-            unit, flops = product_unit(products, device, dtype, skip), report["products"]["flops"]
+            skip = {"products-fp8": FP8_SKIP, "products-fp8-all": DEFAULT_SKIP}.get(name)
+            ew = {"products-ew": "serial", "products-ew-side": "side"}.get(name)
+            unit, flops = product_unit(products, device, dtype, skip, ew), report["products"]["flops"]
         row = run_for(unit, flops, device, args.seconds, args.idle_s)
         kind, records, _ = profile_events(unit, device, 1)  # one more unit, still at the held clock
         row["profile"] = {"kind": kind} | summarize(records, 1, top=8)

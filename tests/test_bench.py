@@ -294,6 +294,24 @@ def test_step_products_are_the_forward_s_linears_and_attentions_with_their_shape
     assert half["attention"] == (24, 4608, 4608, 128) and half["double_stream_modulation_img.lin"][0] == 1
 
 
+def test_elementwise_traffic_counts_the_least_bytes_each_block_s_elementwise_work_moves():
+    import sustained
+
+    from fluxrt.config import get_preset
+
+    cfg = get_preset("flux.2-dev").transformer
+    d, tokens = cfg.hidden_size, 4608  # 1024²: 4096 image + 512 text tokens
+    # per token, in units of the hidden width: a single block moves q, k, v through norm + RoPE (read 3, write 3),
+    # SwiGLU (read 2 x 3, write 3) and the residual + next modulation (read 2, write 2): 19; a double block the same
+    # per stream plus the second residual + modulation (4) between attention and MLP: 23
+    want = tokens * d * (cfg.depth_single_blocks * 19 + cfg.depth * 23)
+    got = [sustained.elementwise_traffic(p) for p in sustained.step_products(cfg, 1024)]
+    assert sum(got) == want
+    half = sum(map(sustained.elementwise_traffic, sustained.step_products(cfg, 1024, shard=2)))
+    assert half == want // 2
+    assert sustained.elementwise_traffic(sustained.Product("attention", 48, 4608, 4608, 128)) == 0
+
+
 def test_sustained_dry_run_times_and_profiles_every_workload(tmp_path):
     import sustained
 

@@ -64,6 +64,38 @@ def test_chunks_land_where_start_is_asked_to_put_them(n, push):
         assert shape == [2, 3, n, 4] and worst == 0
 
 
+def _own_written_worker() -> tuple[float, list[str]]:
+    """Push mode with the own chunk written by the caller at `landing()` (dim 2), three times (both buffers, the
+    first reused): the result must equal every rank's sends; then what pull mode says when asked the same."""
+    n, r = dist.get_world_size(), dist.get_rank()
+    ex, worst = CopyEngineExchange(buffer=SharedFileBuffer, push=True), 0.0
+
+    def sent(src: int, rep: int) -> torch.Tensor:
+        return torch.randn(n, 2, 3, 4, generator=torch.Generator().manual_seed(10 * src + rep))
+
+    for rep in range(3):
+        send = sent(r, rep)
+        ex.landing(send.shape, send.dtype, send.device, dim=2).copy_(send[r])
+        send[r] = float("nan")  # not read: the exchange copies only the peers' chunks
+        out = ex.wait(ex.start(send, dim=2, own_written=True))
+        expected = torch.stack([sent(src, rep)[r] for src in range(n)], dim=2)
+        worst = max(worst, (out - expected).abs().max().item())
+    msgs, pull = [], CopyEngineExchange(buffer=SharedFileBuffer, push=False)
+    for call in (lambda: pull.landing((n, 2), torch.float32, "cpu"), lambda: pull.start(torch.zeros(n, 2), 0, True)):
+        try:
+            call()
+        except ValueError as e:
+            msgs.append(str(e))
+    return worst, msgs
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_an_own_chunk_written_where_it_lands_is_not_copied_again(n):
+    for worst, msgs in spawn_all(n, _own_written_worker):
+        assert worst == 0
+        assert len(msgs) == 2 and "pull mode" in msgs[0] and "push mode" in msgs[1], msgs
+
+
 def _ulysses_worker(sp: int, tp: int, overlap: bool, refs: bool, settings: dict) -> float:
     """`settings`: the CopyEngineExchange's (push, land, land_output)."""
     torch.set_num_threads(1)
@@ -98,6 +130,35 @@ def test_ulysses_with_each_landing_equals_single_process(n, sp, tp, land, land_o
     exchange (`land_output=False`) or landing in (B, L, H) order (the default, which the other tests run)."""
     settings = {"push": True, "land": land, "land_output": land_output}
     assert _run(n, _ulysses_worker, sp, tp, True, True, settings) < TOL
+
+
+def _own_landed_worker(own_landed: bool) -> tuple[float, int]:
+    """The overlapped single blocks over pushed copies with `sp.OWN_LANDED` on or off: the difference from one
+    process and how many exchanges had their own chunk written where it lands (`landing` calls)."""
+    from fluxrt.parallel import sp as sp_mod
+
+    torch.set_num_threads(1)
+    model, inputs = tiny_flow(guidance_embed=True), _inputs(True)
+    sp_mod.OWN_LANDED[0] = own_landed
+    try:
+        with torch.no_grad():
+            ref = model(*inputs[:5], guidance=inputs[5])
+            ex, calls = CopyEngineExchange(buffer=SharedFileBuffer, push=True), []
+            landing = ex.landing
+            ex.landing = lambda *a, **k: calls.append(a) or landing(*a, **k)
+            par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=True, transport=ex)
+            out = par(*inputs[:5], guidance=inputs[5])
+    finally:
+        sp_mod.OWN_LANDED[0] = True
+    return _max_over_ranks((out - ref).abs().max().item()), len(calls)
+
+
+def test_single_blocks_write_their_own_heads_where_they_land_and_equal_single_process():
+    singles = len(tiny_flow(guidance_embed=True).single_blocks)
+    diff, landed = _run(2, _own_landed_worker, True)
+    assert diff < TOL and landed == singles  # one q, k, v exchange per overlapped single block
+    diff, landed = _run(2, _own_landed_worker, False)  # the own chunk packed, then copied (bench :ceowncopy)
+    assert diff < TOL and landed == 0
 
 
 def _errors_worker() -> list[str]:

@@ -89,11 +89,19 @@ _CHILD = textwrap.dedent("""
         from fluxrt.accel import norm_rope  # the registered triton_ops, run eagerly: the same kernel
         via_op = norm_rope.send_buffer(q, k, v, qs, ks, pe, n)
         rows_op = norm_rope.kernels().rows_op(q, qs, norm_rope.check_inputs(q, qs, pe), True)
+        # chunk `own` written where an exchange lands it: a strided (3, B, H/n, L, D) view of a bigger buffer
+        own = n - 1
+        landed = torch.full((3, B, H // n, n, L, D), float("nan"))
+        redirected = norm_rope_send(q, k, v, qs, ks, pe, n, own, landed[:, :, :, own])
+        others = [r for r in range(n) if r != own]
         out[f"send {B},{H},{L},{D},{n}"] = {"shape_ok": got.shape == want.shape,
                                             "max_rel": ((got - want).abs().max() / want.abs().max()).item(),
                                             "v_equal": torch.equal(got[:, 2], want[:, 2]),
                                             "ops_equal": torch.equal(via_op, got) and torch.equal(rows_op,
-                                                norm_rope_rows(q, qs, pe, True))}
+                                                norm_rope_rows(q, qs, pe, True)),
+                                            "own_equal": torch.equal(landed[:, :, :, own], got[own]),
+                                            "others_equal": torch.equal(redirected[others], got[others]),
+                                            "rest_untouched": bool(landed[:, :, :, others].isnan().all())}
     for bad in ("scale", "table", "dim"):
         try:
             q = torch.randn(1, 2, 4, 8)
@@ -122,6 +130,8 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference_and_writes_the_a
             continue
         if key.startswith("send"):  # straight into Ulysses' send buffer: the stacked, packed reference
             assert row["shape_ok"] and row["v_equal"] and row["ops_equal"] and row["max_rel"] < 2e-6, (key, row)
+            # the own chunk redirected: the same values where the exchange lands them, nothing else written there
+            assert row["own_equal"] and row["others_equal"] and row["rest_untouched"], (key, row)
             continue
         B, H, L, D, _, blhd = key.split(",")
         assert row["shape"] == [int(B), int(H), int(L), int(D)], key
@@ -198,6 +208,11 @@ def test_gpu_send_buffer_kernel_matches_the_packed_reference_eagerly_and_compile
         assert got.shape == want.shape and torch.equal(got[:, 2], want[:, 2]), how  # v: copied as it is
         err, same = (got.float() - want.float()).abs().max().item(), (got == want).float().mean().item()
         assert err <= 2**-5 and same > 0.99, (how, err, same)
+    # chunk 1 written where a copy-engine exchange lands it (what `sp.send_qkv` does): the same bits as in eager's
+    landed = torch.zeros(3, B, H // n, n, L, D, device=dev, dtype=torch.bfloat16)
+    sent = norm_rope.kernels().norm_rope_send(q, k, v, qs, ks, pe, n, 1, landed[:, :, :, 1])
+    assert torch.equal(landed[:, :, :, 1], eager[1]) and torch.equal(sent[[0, 2, 3]], eager[[0, 2, 3]])
+    assert not landed[:, :, :, [0, 2, 3]].any()
 
 
 def test_kernels_are_used_only_where_they_can_run():

@@ -21,8 +21,10 @@ def _round(x, dtype):
 
 @triton.jit  # named triton_*: profiles (bench/profile_step.classify) bin it with inductor's Triton kernels
 def triton_norm_rope_kernel(x_ptr, scale_ptr, table_ptr, out_ptr, L, sxb, sxh, sxl, stb, stl, off0, hn, sor, sob,
-                            soh, sol, eps, D: tl.constexpr, BLOCK: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
-    # head h is written at chunk h // hn, head h % hn of it (Ulysses' send layout; hn = H: plain strides)
+                            soh, sol, own, own_ptr, oob, ooh, ool, eps, D: tl.constexpr,
+                            BLOCK: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+    # head h is written at chunk h // hn, head h % hn of it (Ulysses' send layout; hn = H: plain strides); chunk
+    # `own` (-1: none) goes to own_ptr instead, with (batch, head, token) strides oob, ooh, ool
     pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
@@ -42,21 +44,28 @@ def triton_norm_rope_kernel(x_ptr, scale_ptr, table_ptr, out_ptr, L, sxb, sxh, s
     else:  # v: copied to its place unchanged
         out = x.to(out_ptr.dtype.element_ty)
     r = h // hn
-    dst = out_ptr + off0 + r * sor + b * sob + (h - r * hn) * soh + rows[:, None] * sol + cols[None, :]
+    if r == own:
+        dst = own_ptr + b * oob + (h - r * hn) * ooh + rows[:, None] * ool + cols[None, :]
+    else:
+        dst = out_ptr + off0 + r * sor + b * sob + (h - r * hn) * soh + rows[:, None] * sol + cols[None, :]
     tl.store(dst, out, mask=mask)
 
 
 def _launch(x, scale, table, out, launch, off0: int = 0, hn: int | None = None, sor: int = 0,
-            strides: tuple[int, int, int] | None = None, norm: bool = True) -> None:  # fmt: skip
+            strides: tuple[int, int, int] | None = None, norm: bool = True, own: int = -1,
+            own_out: torch.Tensor | None = None) -> None:  # fmt: skip
     """Run the kernel through `launch` (the kernel itself, or `wrap_triton` of it): x's rows normed and rotated (or
     copied: norm=False) into `out` at element offset off0, with (batch, head, token) strides `strides` (default
-    out's own) and head h at chunk h // hn (stride sor)."""
+    out's own) and head h at chunk h // hn (stride sor); chunk `own` into `own_out` (B, hn, L, D) instead."""
     B, H, L, D = x.shape
     sob, soh, sol = strides or out.stride()[:3]
     stb = table.stride(0) if table.shape[0] > 1 else 0  # one table for the whole batch broadcasts
     grid = (triton.cdiv(L, BLOCK_L), H, B)
+    own_strides = (0, 0, 0) if own_out is None else own_out.stride()[:3]
+    own, own_out = (-1, out) if own_out is None else (own, own_out)
     launch[grid](x, scale, table, out, L, x.stride(0), x.stride(1), x.stride(2), stb, table.stride(2), off0,
-                 hn or H, sor, sob, soh, sol, EPS, D=D, BLOCK=BLOCK_L, NORM=norm)  # fmt: skip
+                 hn or H, sor, sob, soh, sol, own, own_out, *own_strides, EPS, D=D, BLOCK=BLOCK_L,
+                 NORM=norm)  # fmt: skip
 
 
 def _rows(x, scale, table, blhd: bool, launch) -> torch.Tensor:
@@ -70,15 +79,20 @@ def _rows(x, scale, table, blhd: bool, launch) -> torch.Tensor:
     return out
 
 
-def _send(q, k, v, q_scale, k_scale, table, n: int, launch) -> torch.Tensor:
+def _send(q, k, v, q_scale, k_scale, table, n: int, launch, own: int = -1, own_out=None) -> torch.Tensor:
     """q and k normed and rotated, v copied, straight into Ulysses' send buffer (n, 3, B, H/n, L, D): chunk r holds
-    heads r*H/n ... of each, the layout `fluxrt.parallel.sp.pack_send` makes from the stacked q, k, v."""
+    heads r*H/n ... of each, the layout `fluxrt.parallel.sp.pack_send` makes from the stacked q, k, v. own, own_out:
+    chunk `own` is written to `own_out` (3, B, H/n, L, D), any strides with a contiguous last dim, instead (where
+    the exchange lands it: no copy of it after); the send buffer's chunk `own` is then left unwritten."""
     B, H, L, D = q.shape
     send = torch.empty((n, 3, B, H // n, L, D), device=q.device, dtype=q.dtype)
     st = send.stride()
+    if own_out is not None and (tuple(own_out.shape) != (3, B, H // n, L, D) or own_out.stride(-1) != 1):
+        raise ValueError(f"own chunk of shape {tuple(own_out.shape)} strides {own_out.stride()}: expected "
+                         f"{(3, B, H // n, L, D)} with a contiguous last dim")  # fmt: skip
     for i, (x, scale) in enumerate(((q, q_scale), (k, k_scale), (v, q_scale))):
         _launch(x, scale, table, send, launch, off0=i * st[1], hn=H // n, sor=st[0], strides=(st[2], st[3], st[4]),
-                norm=i < 2)  # fmt: skip
+                norm=i < 2, own=own, own_out=None if own_out is None else own_out[i])  # fmt: skip
     return send
 
 
@@ -87,9 +101,9 @@ def norm_rope_rows(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, bl
     return _rows(x, scale.contiguous(), check_inputs(x, scale, table), blhd, triton_norm_rope_kernel)
 
 
-def norm_rope_send(q, k, v, q_scale, k_scale, table, n: int) -> torch.Tensor:
+def norm_rope_send(q, k, v, q_scale, k_scale, table, n: int, own: int = -1, own_out=None) -> torch.Tensor:
     """`_send`, launched directly (eager; also on CPU tensors under TRITON_INTERPRET=1)."""
-    return _send(q, k, v, *prepare(q, k, q_scale, k_scale, table), n, triton_norm_rope_kernel)
+    return _send(q, k, v, *prepare(q, k, q_scale, k_scale, table), n, triton_norm_rope_kernel, own, own_out)
 
 
 @triton_op("fluxrt::norm_rope", mutates_args=())

@@ -149,12 +149,24 @@ class CopyEngineExchange:
         self._streams: list | None = None
         self._pending: dict[int, tuple] = {}  # id(out) -> (out, event, send while pushes read it) until `wait`
 
-    def _slot(self, send: torch.Tensor, dim: int) -> _Slot:
-        key = (tuple(send.shape), send.dtype, send.device, dim)
+    def _slot(self, shape, dtype: torch.dtype, device: torch.device, dim: int) -> _Slot:
+        key = (tuple(shape), dtype, torch.device(device), dim)
         if key not in self._slots:
-            make = functools.partial(self._make, send.numel(), send.dtype, send.device)
-            self._slots[key] = _Slot(make, send.shape, self.rank, self.n, self.push, dim)
+            make = functools.partial(self._make, math.prod(shape), dtype, torch.device(device))
+            self._slots[key] = _Slot(make, torch.Size(shape), self.rank, self.n, self.push, dim)
         return self._slots[key]
+
+    @torch.compiler.disable
+    def landing(self, shape, dtype: torch.dtype, device: torch.device, dim: int = 0) -> torch.Tensor:
+        """Push mode: where this rank's own chunk lands in the result of the next `start` of a send of `shape`
+        (the `.select(dim, rank)` view of this rank's buffer that `start` returns). Write the own chunk there, then
+        call `start(send, dim, own_written=True)`: the exchange skips its copy. Safe to write before `start`:
+        peers write only their own chunks into this buffer, and this rank's last read of it is earlier on the
+        same stream."""
+        if not self.push:
+            raise ValueError("landing() is where a pushed exchange's result lies; pull mode packs a new tensor")
+        slot = self._slot(shape, dtype, device, dim)
+        return slot.local[slot.turn].select(dim, self.rank)
 
     @torch.compiler.disable
     def begin(self, device: torch.device) -> None:
@@ -176,21 +188,24 @@ class CopyEngineExchange:
         return cls(numel, dtype, device, self.group)
 
     @torch.compiler.disable
-    def start(self, send: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    def start(self, send: torch.Tensor, dim: int = 0, own_written: bool = False) -> torch.Tensor:
         """(n, *rest) contiguous send -> receive buffer, filled asynchronously; read it only through `wait`.
 
         dim: where the chunks land: the result has shape `landed_shape(send.shape, dim)`, and `.select(dim, r)` of
         it is what rank r sent. dim 0: (n, *rest), chunk r at [r]; dim k: the chunks interleaved in the layout the
         caller reads, so that no permute copy follows (Ulysses' q, k, v land as (3, B, h/n, n, Ls, D), tokens in
         rank order: a free reshape to (3, B, h/n, n*Ls, D)); each chunk then arrives as one 2-D copy (rows of
-        prod(rest[dim:]) elements), still on the copy engines.
+        prod(rest[dim:]) elements), still on the copy engines. own_written (push mode): the caller has already
+        written its own chunk at `landing(send.shape, ...)`; `send[rank]` is not read.
         """
         if send.shape[0] != self.n:
             raise ValueError(f"all-to-all over {self.n} ranks needs dim 0 of size {self.n}, got {tuple(send.shape)}")
         if not 0 <= dim < send.dim():
             raise ValueError(f"dim {dim} is outside the {send.dim() - 1} dims a chunk of {tuple(send.shape)} has")
+        if own_written and not self.push:
+            raise ValueError("own_written needs push mode: pull mode lands every chunk in a new tensor")
         send = send if dim == 0 else send.contiguous()  # chunks as whole rows for the 2-D copies
-        slot = self._slot(send, dim)
+        slot = self._slot(send.shape, send.dtype, send.device, dim)
         turn, slot.turn = slot.turn, 1 - slot.turn
         local, remote = slot.local[turn], slot.remote[turn]
         cuda = send.device.type == "cuda"
@@ -203,7 +218,10 @@ class CopyEngineExchange:
         if slot.last is not None and slot.last[1] == capturing:  # (an event from before a CUDA graph capture
             main.wait_event(slot.last[0])  # cannot be waited on inside it; what it guards came before the graph)
         streams = self._streams if cuda else [None] * self.n
-        out = (self._push if self.push else self._pull)(send, slot.buffers[turn], local, remote, streams, main, dim)
+        if self.push:
+            out = self._push(send, slot.buffers[turn], local, remote, streams, main, dim, own_written)
+        else:
+            out = self._pull(send, slot.buffers[turn], local, remote, streams, main, dim)
         if cuda:  # the exchange before this one passed its barrier: the next one may reuse this buffer
             slot.last = (streams[0].record_event(), capturing)
             self._pending[id(out)] = (out, slot.last[0], send if self.push else None)  # pushes read `send`
@@ -226,10 +244,12 @@ class CopyEngineExchange:
             _follow(fence, stream)
         return out
 
-    def _push(self, send, buf, local, remote, streams, main, dim) -> torch.Tensor:
-        """Chunk i of `send` into rank i's buffer, then the barrier; this rank's buffer (`local`)."""
+    def _push(self, send, buf, local, remote, streams, main, dim, own_written: bool) -> torch.Tensor:
+        """Chunk i of `send` into rank i's buffer (this rank's own unless `own_written`), then the barrier; this
+        rank's buffer (`local`)."""
         fence = streams[0]
-        copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
+        if not own_written:
+            copy_chunk(local.select(dim, self.rank), send[self.rank], dim)
         for i in range(1, self.n):
             dst, stream = (self.rank + i) % self.n, streams[i]
             _follow(stream, main)

@@ -131,6 +131,38 @@ def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
     return pack_send(torch.stack([*norm(q, k, pe), v]), n)
 
 
+OWN_LANDED = [True]  # benchmarks switch it off (bench/parallel.py :ceowncopy) to time the own chunk's copy again
+
+
+def send_qkv(norm, q, k, v, pe, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
+    """A block's q, k, v -> all-to-all in flight to their head shards: `send_to_heads(pack_qkv(...))`, except where
+    the copy-engine transport pushes them into head order and the fused kernel runs (CUDA): then the kernel writes
+    this rank's own heads straight where they land in its receive buffer (`CopyEngineExchange.landing`), the other
+    ranks' into the send buffer, and the exchange copies only those (no 2-D copy of the own chunk, which ran as an
+    SM kernel beside nothing). Off CUDA (the gloo tests) the reference ops make the same writes."""
+    n = dist.get_world_size(group)
+    if exchange is not None and exchange.push and exchange.land and OWN_LANDED[0] and DIRECT_SEND[0]:
+        kernel = norm.kernel in norm_rope.KERNELS and norm_rope.usable(q, k, v)
+        if kernel or not q.is_cuda:
+            return _send_own_landed(norm, q, k, v, pe, n, exchange, kernel)
+    return send_to_heads(pack_qkv(norm, q, k, v, pe, n), group, exchange)
+
+
+@torch.compiler.disable
+def _send_own_landed(norm, q, k, v, pe, n: int, exchange: CopyEngineExchange, kernel: bool) -> torch.Tensor:
+    """`send_qkv`'s own-landed path. Outside compiled code: the receive buffer is the exchange's, and the kernel is
+    launched eagerly (in a CUDA graph its launch is captured like any other)."""
+    b, h, length, d = q.shape
+    own = exchange.landing((n, 3, b, h // n, length, d), q.dtype, q.device, dim=3)  # (3, B, h/n, L, D)
+    if kernel:
+        qs, ks = norm.query_norm.scale, norm.key_norm.scale
+        send = norm_rope.kernels().norm_rope_send(q, k, v, qs, ks, pe, n, exchange.rank, own)
+    else:
+        send = pack_send(torch.stack([*norm(q, k, pe), v]), n)
+        own.copy_(send[exchange.rank])
+    return exchange.start(send, dim=3, own_written=True)
+
+
 def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
     """(S, B, h, Ls, D) sequence shards -> all-to-all in flight; `seq_to_heads_finish` lays out what arrives."""
     return send_to_heads(pack_send(x, dist.get_world_size(group)), group, exchange)
@@ -325,7 +357,7 @@ class OverlappedSingleBlock(SingleStreamBlock):
         h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
         q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
         ex = c.exchange
-        heads = send_to_heads(pack_qkv(self.norm, q, k, v, pe, dist.get_world_size(c.group)), c.group, ex)
+        heads = send_qkv(self.norm, q, k, v, pe, c.group, ex)
         mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
         back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index, ex), c.group, ex)
         y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight
