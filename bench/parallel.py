@@ -195,12 +195,13 @@ def timed(model, cfg, size: int, steps: int, device, mode: str = "embedded", ima
             "peak_mem_gib_rank": _peak_gib(device)}  # fmt: skip
 
 
-def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1) -> dict:
+def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", images: int = 1,
+             trace: str | None = None) -> dict:  # fmt: skip
     """One `sample()` of `steps` steps under torch.profiler (after `timed`, so compiled and warm): this rank's
     kernel time per step by bin, the wall time per step, and the compute-idle time (wall minus every kernel but
-    the collectives)."""
+    the collectives); trace: the Chrome trace written there too."""
     run = sampler(model, cfg, size, device, mode, images)
-    source, records, wall = profile_events(lambda: run(steps), device, 1)
+    source, records, wall = profile_events(lambda: run(steps), device, 1, trace)
     summary = summarize(records, steps, top=12)
     compute = sum(c["ms_per_step"] for name, c in summary["categories"].items() if name != "collective")
     wall_ms = wall * 1e3 / steps
@@ -213,7 +214,7 @@ VARIANTS = ("overlap", "ce", "cepull", "ceflat", "ceperm", "unfused", "stack", "
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
              mode: str = "embedded", images: int = 1, profile_steps: int = 0,
-             cuda_graph: bool = False) -> dict | None:  # fmt: skip
+             cuda_graph: bool = False, trace: str | None = None) -> dict | None:  # fmt: skip
     base, *variants = name.split(":")
     for variant in variants:
         if variant not in VARIANTS:
@@ -243,7 +244,8 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
             res |= {"cuda_graph": True} | graph_check(plain, model, cfg, size, info.device, images, gpus > 1)
         res |= timed(model, cfg, size, steps, info.device, mode, images)
         if profile_steps:
-            res |= profiled(model, cfg, size, profile_steps, info.device, mode, images)
+            res |= profiled(model, cfg, size, profile_steps, info.device, mode, images,
+                            trace if info.rank == 0 else None)  # fmt: skip
         del model
         torch._dynamo.reset()  # drop compiled code before the next plan builds its model
         gc.collect()
@@ -261,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--base-steps", type=int, default=None, help="timed steps of plan 1 (default --steps)")
     ap.add_argument("--profile-steps", type=int, default=0, help="then profile a sample() of this many steps")
+    ap.add_argument("--trace", default=None, help="with --profile-steps: rank 0's Chrome trace of the profiled "
+                    "sample() to this path (.json.gz; bench/trace_gaps.py reads it)")  # fmt: skip
     ap.add_argument("--plans", nargs="+", default=["1", "sp2", "ring2", "tp2"])
     ap.add_argument("--fp8", action="store_true", help="fp8 linears (default layer choice; TP shards them after)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each rank's blocks (warm-up compiles)")
@@ -281,7 +285,7 @@ def main(argv=None):
             steps = args.base_steps if name == "1" and args.base_steps else args.steps
             compile = (args.compile_mode or True) if args.compile else False
             res = run_plan(name, cfg, size, steps, info, args.fp8, compile, spec.guidance_mode, args.images,
-                           args.profile_steps, args.cuda_graph)  # fmt: skip
+                           args.profile_steps, args.cuda_graph, args.trace)  # fmt: skip
             if dist.is_initialized():
                 dist.barrier()
             if info.rank == 0:

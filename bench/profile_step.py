@@ -136,9 +136,10 @@ def device_records(events) -> list[tuple[str, float]]:
     return out
 
 
-def profile_events(fn, device, steps: int) -> tuple[str, list[tuple[str, float]], float]:
+def profile_events(fn, device, steps: int, trace: str | None = None) -> tuple[str, list[tuple[str, float]], float]:
     """Run `steps` calls under torch.profiler: ("cuda", [(kernel name, µs)], wall s) from the device kernels,
-    or ("cpu", [(op name, self µs)], wall s) from the CPU ops when there are none (a CPU run)."""
+    or ("cpu", [(op name, self µs)], wall s) from the CPU ops when there are none (a CPU run). trace: also write
+    the profiler's Chrome trace there (gzipped if the name ends in .gz; bench/trace_gaps.py reads it)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -150,6 +151,8 @@ def profile_events(fn, device, steps: int) -> tuple[str, list[tuple[str, float]]
             fn()
         sync(device)
         wall = time.perf_counter() - t0
+    if trace:
+        prof.export_chrome_trace(trace)
     events = list(prof.events())
     kernels = device_records(events)
     if kernels:

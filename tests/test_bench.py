@@ -364,3 +364,31 @@ def test_nvidia_smi_query_falls_back_to_the_clock_event_field_the_driver_knows(t
         assert sustained._smi_query("00000000:1B:00.0") is None
     finally:
         sustained._smi_query.cache_clear()
+
+
+def test_trace_gaps_bins_the_main_stream_s_idle_time_by_neighbours_and_by_what_ran_beside(tmp_path):
+    import gzip
+
+    import trace_gaps
+
+    def ev(stream, ts, dur, name, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": stream, "args": {"stream": stream}}
+
+    gemm, fused = "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "triton_poi_fused_add_mul_0"
+    events = [ev(7, 0, 100, gemm), ev(7, 110, 10, fused), ev(7, 125, 75, gemm),  # main: gaps 100-110, 120-125
+              ev(20, 95, 13, "c10d::symmetric_memory::barrier_kernel"),  # covers 8 µs of the first gap
+              ev(21, 130, 20, "Memcpy PtoP (Device -> Device)", "gpu_memcpy"),  # beside the main stream's work
+              {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500, "tid": 1}]  # fmt: skip
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rep = trace_gaps.main([str(path), "--steps", "1", "--out", str(tmp_path / "gaps.json")])
+    assert rep["main_stream"] == 7 and rep["gaps_per_step"] == 2
+    assert rep["idle_ms_per_step"] == pytest.approx(0.015) and rep["main_busy_ms_per_step"] == pytest.approx(0.185)
+    assert rep["pairs"]["gemm -> triton"]["ms_per_step"] == pytest.approx(0.010)
+    assert rep["pairs"]["triton -> gemm"]["ms_per_step"] == pytest.approx(0.005)
+    during = rep["during_ms_per_step"]
+    assert during["barrier"] == pytest.approx(0.008) and during["nothing"] == pytest.approx(0.007)
+    assert during["copy"] == 0 and json.loads((tmp_path / "gaps.json").read_text())["gaps_per_step"] == 2
+    with pytest.raises(ValueError, match="no kernels"):
+        trace_gaps.gaps(trace_gaps.device_events({"traceEvents": events[-1:]}))
