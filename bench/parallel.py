@@ -115,10 +115,11 @@ def inputs(cfg, size: int, device, n_txt: int = 512, images: int = 1):
 
 @torch.no_grad()
 def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, overlap: bool = False,
-          transport: str = "nccl", fused: bool = False) -> dict:  # fmt: skip
+          transport: str = "nccl", fused: bool = False, compile: bool | str = False) -> dict:  # fmt: skip
     """Shallow full-width model: the parallel plan (`batch` > 1: `BatchParallel` over one row per rank) vs the
     same weights in one process (bf16); `fused`: the plan with the fused QK-norm + RoPE kernel (on CUDA, as the
-    compiled plan runs it) against the model's own ops in the one process."""
+    compiled plan runs it) against the model's own ops in the one process; `compile`: then the plan's blocks
+    compiled as `build` compiles them, against the same one-process output (check_compiled_max_abs_diff)."""
     if mesh is None and batch == 1:
         return {}
     small = dataclasses.replace(cfg, depth=1, depth_single_blocks=2)
@@ -130,7 +131,13 @@ def check(cfg, size: int, mesh: Mesh | None, attn: str, device, batch: int = 1, 
     par = BatchParallel(model) if batch > 1 else parallelize(model, mesh, attn, overlap=overlap, transport=transport)
     out = par(*args, guidance=g)
     diff = _all_max((out.float() - ref.float()).abs().max().item(), device)
-    return {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
+    res = {"check_max_abs_diff": diff, "check_ref_max_abs": ref.float().abs().max().item()}
+    if compile:
+        compile_transformer(model, None if compile is True else compile, fullgraph=mesh is None, fused=fused)
+        out = par(*args, guidance=g)
+        res["check_compiled_max_abs_diff"] = _all_max((out.float() - ref.float()).abs().max().item(), device)
+        torch._dynamo.reset()
+    return res
 
 
 def forward_args(cfg, size: int, device, batch: int = 1) -> tuple:
@@ -236,7 +243,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
            "fused": bool(compile) and "unfused" not in variants and info.device.type == "cuda",
            "direct_send": "stack" not in variants, "own_landed": "ceowncopy" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
-        res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport, res["fused"])
+        res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport, res["fused"], compile)
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)
         model = BatchParallel(model) if batch > 1 else model
         if cuda_graph:  # the whole forward captured once (after compiling, on its first call) and replayed

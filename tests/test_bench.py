@@ -366,7 +366,7 @@ def test_nvidia_smi_query_falls_back_to_the_clock_event_field_the_driver_knows(t
         sustained._smi_query.cache_clear()
 
 
-def test_trace_gaps_bins_the_main_stream_s_idle_time_by_neighbours_and_by_what_ran_beside(tmp_path):
+def test_trace_gaps_bins_the_idle_time_between_compute_kernels_by_neighbours_and_by_what_ran_beside(tmp_path):
     import gzip
 
     import trace_gaps
@@ -375,20 +375,23 @@ def test_trace_gaps_bins_the_main_stream_s_idle_time_by_neighbours_and_by_what_r
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": stream, "args": {"stream": stream}}
 
     gemm, fused = "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN", "triton_poi_fused_add_mul_0"
-    events = [ev(7, 0, 100, gemm), ev(7, 110, 10, fused), ev(7, 125, 75, gemm),  # main: gaps 100-110, 120-125
-              ev(20, 95, 13, "c10d::symmetric_memory::barrier_kernel"),  # covers 8 µs of the first gap
-              ev(21, 130, 20, "Memcpy PtoP (Device -> Device)", "gpu_memcpy"),  # beside the main stream's work
+    events = [ev(7, 0, 100, gemm), ev(8, 90, 15, fused),  # a graph's kernels on two streams: busy 0-105
+              ev(20, 95, 13, "c10d::symmetric_memory::barrier_kernel"),  # covers 105-108 of the gap 105-110
+              ev(7, 110, 40, gemm),  # busy 110-150, then a gap 150-160 that a copy-engine copy half covers
+              ev(21, 150, 5, "Memcpy PtoP (Device -> Device)", "gpu_memcpy"),
+              ev(9, 160, 10, fused),
               {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500, "tid": 1}]  # fmt: skip
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     rep = trace_gaps.main([str(path), "--steps", "1", "--out", str(tmp_path / "gaps.json")])
-    assert rep["main_stream"] == 7 and rep["gaps_per_step"] == 2
-    assert rep["idle_ms_per_step"] == pytest.approx(0.015) and rep["main_busy_ms_per_step"] == pytest.approx(0.185)
+    assert rep["gaps_per_step"] == 2 and rep["span_ms_per_step"] == pytest.approx(0.170)
+    assert rep["idle_ms_per_step"] == pytest.approx(0.015) and rep["compute_busy_ms_per_step"] == pytest.approx(0.155)
+    assert rep["pairs"]["triton -> gemm"]["ms_per_step"] == pytest.approx(0.005)  # the last kernel to end, not A
     assert rep["pairs"]["gemm -> triton"]["ms_per_step"] == pytest.approx(0.010)
-    assert rep["pairs"]["triton -> gemm"]["ms_per_step"] == pytest.approx(0.005)
     during = rep["during_ms_per_step"]
-    assert during["barrier"] == pytest.approx(0.008) and during["nothing"] == pytest.approx(0.007)
-    assert during["copy"] == 0 and json.loads((tmp_path / "gaps.json").read_text())["gaps_per_step"] == 2
+    assert during["barrier"] == pytest.approx(0.003) and during["copy"] == pytest.approx(0.005)
+    assert during["nothing"] == pytest.approx(0.007)
+    assert json.loads((tmp_path / "gaps.json").read_text())["gaps_per_step"] == 2
     with pytest.raises(ValueError, match="no kernels"):
         trace_gaps.gaps(trace_gaps.device_events({"traceEvents": events[-1:]}))

@@ -22,9 +22,9 @@ def _round(x, dtype):
 @triton.jit  # named triton_*: profiles (bench/profile_step.classify) bin it with inductor's Triton kernels
 def triton_norm_rope_kernel(x_ptr, scale_ptr, table_ptr, out_ptr, L, sxb, sxh, sxl, stb, stl, off0, hn, sor, sob,
                             soh, sol, own, own_ptr, oob, ooh, ool, eps, D: tl.constexpr,
-                            BLOCK: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
-    # head h is written at chunk h // hn, head h % hn of it (Ulysses' send layout; hn = H: plain strides); chunk
-    # `own` (-1: none) goes to own_ptr instead, with (batch, head, token) strides oob, ooh, ool
+                            BLOCK: tl.constexpr, NORM: tl.constexpr, OWN: tl.constexpr):  # fmt: skip
+    # head h is written at chunk h // hn, head h % hn of it (Ulysses' send layout; hn = H: plain strides); with
+    # OWN, chunk `own` goes to own_ptr instead, with (batch, head, token) strides oob, ooh, ool
     pid_l, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_l * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
@@ -44,7 +44,7 @@ def triton_norm_rope_kernel(x_ptr, scale_ptr, table_ptr, out_ptr, L, sxb, sxh, s
     else:  # v: copied to its place unchanged
         out = x.to(out_ptr.dtype.element_ty)
     r = h // hn
-    if r == own:
+    if OWN and r == own:
         dst = own_ptr + b * oob + (h - r * hn) * ooh + rows[:, None] * ool + cols[None, :]
     else:
         dst = out_ptr + off0 + r * sor + b * sob + (h - r * hn) * soh + rows[:, None] * sol + cols[None, :]
@@ -61,11 +61,12 @@ def _launch(x, scale, table, out, launch, off0: int = 0, hn: int | None = None, 
     sob, soh, sol = strides or out.stride()[:3]
     stb = table.stride(0) if table.shape[0] > 1 else 0  # one table for the whole batch broadcasts
     grid = (triton.cdiv(L, BLOCK_L), H, B)
-    own_strides = (0, 0, 0) if own_out is None else own_out.stride()[:3]
-    own, own_out = (-1, out) if own_out is None else (own, own_out)
+    redirect = own_out is not None
+    if not redirect:  # a tensor of its own for the unused pointer: torch.compile's analysis of what the kernel
+        own_out = out.new_empty(0)  # writes must not see `out` passed twice
     launch[grid](x, scale, table, out, L, x.stride(0), x.stride(1), x.stride(2), stb, table.stride(2), off0,
-                 hn or H, sor, sob, soh, sol, own, own_out, *own_strides, EPS, D=D, BLOCK=BLOCK_L,
-                 NORM=norm)  # fmt: skip
+                 hn or H, sor, sob, soh, sol, own, own_out, *(own_out.stride()[:3] if redirect else (0, 0, 0)), EPS,
+                 D=D, BLOCK=BLOCK_L, NORM=norm, OWN=redirect)  # fmt: skip
 
 
 def _rows(x, scale, table, blhd: bool, launch) -> torch.Tensor:
