@@ -133,8 +133,8 @@ def test_ulysses_with_each_landing_equals_single_process(n, sp, tp, land, land_o
 
 
 def _own_landed_worker(own_landed: bool) -> tuple[float, int]:
-    """The overlapped single blocks over pushed copies with `sp.OWN_LANDED` on or off: the difference from one
-    process and how many exchanges had their own chunk written where it lands (`landing` calls)."""
+    """The overlapped blocks over pushed copies with `sp.OWN_LANDED` on or off: the difference from one process and
+    how many exchanges had their own chunk written where it lands (`landing` calls)."""
     from fluxrt.parallel import sp as sp_mod
 
     torch.set_num_threads(1)
@@ -153,10 +153,12 @@ def _own_landed_worker(own_landed: bool) -> tuple[float, int]:
     return _max_over_ranks((out - ref).abs().max().item()), len(calls)
 
 
-def test_single_blocks_write_their_own_heads_where_they_land_and_equal_single_process():
-    singles = len(tiny_flow(guidance_embed=True).single_blocks)
+def test_blocks_write_their_own_heads_where_they_land_and_equal_single_process():
+    model = tiny_flow(guidance_embed=True)
+    blocks = len(model.single_blocks) + len(model.double_blocks)
+    assert len(model.double_blocks) >= 1
     diff, landed = _run(2, _own_landed_worker, True)
-    assert diff < TOL and landed == singles  # one q, k, v exchange per overlapped single block
+    assert diff < TOL and landed == blocks  # one q, k, v exchange per block, a double block's two streams in one
     diff, landed = _run(2, _own_landed_worker, False)  # the own chunk packed, then copied (bench :ceowncopy)
     assert diff < TOL and landed == 0
 

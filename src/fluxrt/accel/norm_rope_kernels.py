@@ -80,17 +80,20 @@ def _rows(x, scale, table, blhd: bool, launch) -> torch.Tensor:
     return out
 
 
-def _send(q, k, v, q_scale, k_scale, table, n: int, launch, own: int = -1, own_out=None) -> torch.Tensor:
+def _send(q, k, v, q_scale, k_scale, table, n: int, launch, own: int = -1, own_out=None, send=None) -> torch.Tensor:
     """q and k normed and rotated, v copied, straight into Ulysses' send buffer (n, 3, B, H/n, L, D): chunk r holds
     heads r*H/n ... of each, the layout `fluxrt.parallel.sp.pack_send` makes from the stacked q, k, v. own, own_out:
     chunk `own` is written to `own_out` (3, B, H/n, L, D), any strides with a contiguous last dim, instead (where
-    the exchange lands it: no copy of it after); the send buffer's chunk `own` is then left unwritten."""
+    the exchange lands it: no copy of it after); the send buffer's chunk `own` is then left unwritten. send: the
+    buffer to write (any strides with a contiguous last dim: a run of tokens of a bigger one); default a new one."""
     B, H, L, D = q.shape
-    send = torch.empty((n, 3, B, H // n, L, D), device=q.device, dtype=q.dtype)
+    for name, t, want in (("own chunk", own_out, (3, B, H // n, L, D)), ("send buffer", send, (n, 3, B, H // n, L, D))):
+        if t is not None and (tuple(t.shape) != want or t.stride(-1) != 1):
+            raise ValueError(f"{name} of shape {tuple(t.shape)} strides {t.stride()}: expected {want} with a "
+                             f"contiguous last dim")  # fmt: skip
+    if send is None:
+        send = torch.empty((n, 3, B, H // n, L, D), device=q.device, dtype=q.dtype)
     st = send.stride()
-    if own_out is not None and (tuple(own_out.shape) != (3, B, H // n, L, D) or own_out.stride(-1) != 1):
-        raise ValueError(f"own chunk of shape {tuple(own_out.shape)} strides {own_out.stride()}: expected "
-                         f"{(3, B, H // n, L, D)} with a contiguous last dim")  # fmt: skip
     for i, (x, scale) in enumerate(((q, q_scale), (k, k_scale), (v, q_scale))):
         _launch(x, scale, table, send, launch, off0=i * st[1], hn=H // n, sor=st[0], strides=(st[2], st[3], st[4]),
                 norm=i < 2, own=own, own_out=None if own_out is None else own_out[i])  # fmt: skip
@@ -102,9 +105,9 @@ def norm_rope_rows(x: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, bl
     return _rows(x, scale.contiguous(), check_inputs(x, scale, table), blhd, triton_norm_rope_kernel)
 
 
-def norm_rope_send(q, k, v, q_scale, k_scale, table, n: int, own: int = -1, own_out=None) -> torch.Tensor:
+def norm_rope_send(q, k, v, q_scale, k_scale, table, n: int, own: int = -1, own_out=None, send=None) -> torch.Tensor:
     """`_send`, launched directly (eager; also on CPU tensors under TRITON_INTERPRET=1)."""
-    return _send(q, k, v, *prepare(q, k, q_scale, k_scale, table), n, triton_norm_rope_kernel, own, own_out)
+    return _send(q, k, v, *prepare(q, k, q_scale, k_scale, table), n, triton_norm_rope_kernel, own, own_out, send)
 
 
 @triton_op("fluxrt::norm_rope", mutates_args=())

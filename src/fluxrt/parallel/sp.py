@@ -37,7 +37,7 @@ from torch import nn
 from ..accel import norm_rope
 from ..accel.cache import share_step_cache
 from ..models.attention import attention, attention_backend, register_attention_backend
-from ..models.transformer import SelfAttention, SingleStreamBlock, modulate, split_heads
+from ..models.transformer import DoubleStreamBlock, SelfAttention, SingleStreamBlock, modulate, split_heads
 from .copy_engine import CopyEngineExchange, make_exchange
 
 MODES = ("ulysses", "ring")
@@ -135,30 +135,48 @@ OWN_LANDED = [True]  # benchmarks switch it off (bench/parallel.py :ceowncopy) t
 
 
 def send_qkv(norm, q, k, v, pe, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
-    """A block's q, k, v -> all-to-all in flight to their head shards: `send_to_heads(pack_qkv(...))`, except where
-    the copy-engine transport pushes them into head order and the fused kernel runs (CUDA): then the kernel writes
-    this rank's own heads straight where they land in its receive buffer (`CopyEngineExchange.landing`), the other
-    ranks' into the send buffer, and the exchange copies only those (no 2-D copy of the own chunk, which ran as an
-    SM kernel beside nothing). Off CUDA (the gloo tests) the reference ops make the same writes."""
-    n = dist.get_world_size(group)
-    if exchange is not None and exchange.push and exchange.land and OWN_LANDED[0] and DIRECT_SEND[0]:
-        kernel = norm.kernel in norm_rope.KERNELS and norm_rope.usable(q, k, v)
-        if kernel or not q.is_cuda:
-            return _send_own_landed(norm, q, k, v, pe, n, exchange, kernel)
-    return send_to_heads(pack_qkv(norm, q, k, v, pe, n), group, exchange)
+    """A block's q, k, v -> all-to-all in flight to their head shards: `send_to_heads(pack_qkv(...))`, or where
+    `own_landed` holds, `send_own_landed`."""
+    if own_landed(exchange, [norm], q):
+        return send_own_landed([(norm, q, k, v, pe)], dist.get_world_size(group), exchange)
+    return send_to_heads(pack_qkv(norm, q, k, v, pe, dist.get_world_size(group)), group, exchange)
+
+
+def own_landed(exchange: CopyEngineExchange | None, norms, x: torch.Tensor) -> bool:
+    """Whether `send_own_landed` serves blocks with these QK-norms on activations like `x`: the copy-engine
+    transport pushing q, k, v into head order, and the fused kernel running for every norm (CUDA), or no GPU at
+    all (the gloo tests, where the reference ops make the same writes)."""
+    if exchange is None or not (exchange.push and exchange.land and OWN_LANDED[0] and DIRECT_SEND[0]):
+        return False
+    return not x.is_cuda or all(_kernel_runs(norm, x) for norm in norms)
+
+
+def _kernel_runs(norm, x: torch.Tensor) -> bool:
+    return norm.kernel in norm_rope.KERNELS and norm_rope.usable(x)
 
 
 @torch.compiler.disable
-def _send_own_landed(norm, q, k, v, pe, n: int, exchange: CopyEngineExchange, kernel: bool) -> torch.Tensor:
-    """`send_qkv`'s own-landed path. Outside compiled code: the receive buffer is the exchange's, and the kernel is
-    launched eagerly (in a CUDA graph its launch is captured like any other)."""
-    b, h, length, d = q.shape
-    own = exchange.landing((n, 3, b, h // n, length, d), q.dtype, q.device, dim=3)  # (3, B, h/n, L, D)
-    if kernel:
-        qs, ks = norm.query_norm.scale, norm.key_norm.scale
-        send = norm_rope.kernels().norm_rope_send(q, k, v, qs, ks, pe, n, exchange.rank, own)
+def send_own_landed(parts, n: int, exchange: CopyEngineExchange) -> torch.Tensor:
+    """(norm, q, k, v, pe) per run of consecutive local tokens (one for a single block; a double block's text, then
+    its image tokens) -> the all-to-all of their q, k, v in flight. The fused kernel writes this rank's own heads
+    straight where they land in its receive buffer (`CopyEngineExchange.landing`) and the other ranks' into the
+    send buffer, each run at its token offset, so nothing joins the runs, stacks q, k, v or copies the own chunk
+    (which ran as an SM kernel beside nothing). Outside compiled code: the receive buffer is the exchange's, and
+    the kernel is launched eagerly (in a CUDA graph its launch is captured like any other)."""
+    b, h, _, d = parts[0][1].shape
+    runs = [p[1].shape[2] for p in parts]
+    shape = (n, 3, b, h // n, sum(runs), d)
+    own = exchange.landing(shape, parts[0][1].dtype, parts[0][1].device, dim=3)  # (3, B, h/n, L, D)
+    if all(_kernel_runs(p[0], p[1]) for p in parts):
+        send, start = torch.empty(shape, dtype=own.dtype, device=own.device), 0
+        for (norm, q, k, v, pe), length in zip(parts, runs, strict=True):
+            cut = slice(start, start + length)
+            norm_rope.kernels().norm_rope_send(q, k, v, norm.query_norm.scale, norm.key_norm.scale, pe, n,
+                                               exchange.rank, own[:, :, :, cut], send[:, :, :, :, cut])  # fmt: skip
+            start += length
     else:
-        send = pack_send(torch.stack([*norm(q, k, pe), v]), n)
+        qkv = [(*norm(q, k, pe), v) for norm, q, k, v, pe in parts]
+        send = pack_send(torch.stack([torch.cat(t, dim=2) for t in zip(*qkv, strict=True)]), n)
         own.copy_(send[exchange.rank])
     return exchange.start(send, dim=3, own_written=True)
 
@@ -365,6 +383,49 @@ class OverlappedSingleBlock(SingleStreamBlock):
         return x + gate * (F.linear(attn, w2[:, :hid]) + y)
 
 
+class OwnLandedDoubleBlock(DoubleStreamBlock):
+    """A DoubleStreamBlock whose q, k, v reach Ulysses' exchange without being joined: where `own_landed` holds,
+    each stream's q, k (normed, rotated) and v are written by the fused kernel straight into the send buffer and
+    this rank's receive buffer at their token offsets (`send_own_landed`), instead of concatenated over the
+    streams, stacked, packed and the own chunk copied (five copies of q, k, v). Elsewhere the block's own forward.
+    Same weights, same function; `SequenceParallel(..., overlap=True)` swaps the class of the blocks with plain
+    `nn.Linear` weights, as it does for `OverlappedSingleBlock`."""
+
+    def forward(self, img, txt, pe, mod_img, mod_txt, kv=None):
+        c = _CALLS[-1] if _CALLS else None
+        if c is None or kv is not None or c.mode != "ulysses":
+            return super().forward(img, txt, pe, mod_img, mod_txt, kv)
+        ia, ta = self.img_attn, self.txt_attn
+        if not own_landed(c.exchange, [ia.norm, ta.norm], img):
+            return super().forward(img, txt, pe, mod_img, mod_txt, kv)
+        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
+        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+        n_txt = txt.shape[1]
+        img_q, img_k, img_v = split_heads(ia.qkv(modulate(img, img_shift1, img_scale1)), ia.heads)
+        txt_q, txt_k, txt_v = split_heads(ta.qkv(modulate(txt, txt_shift1, txt_scale1)), ta.heads)
+        parts = [(ta.norm, txt_q, txt_k, txt_v, pe[:, :, :n_txt]), (ia.norm, img_q, img_k, img_v, pe[:, :, n_txt:])]
+        heads = send_own_landed(parts, dist.get_world_size(c.group), c.exchange)
+        out = heads_to_seq(ulysses_local(heads, c.layout, c.inner, c.key_index, c.exchange), c.group, c.exchange)
+        attn = out.transpose(1, 2).flatten(2)  # (B, L_txt + L_img, H)
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+
+        img = img + img_gate1 * ia.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
+        txt = txt + txt_gate1 * ta.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
+        return img, txt
+
+
+def own_landed_double_blocks(model: nn.Module) -> int:
+    """Give every DoubleStreamBlock of `model` with plain nn.Linear q, k, v weights `OwnLandedDoubleBlock`'s
+    forward; returns how many."""
+    blocks = [m for m in model.modules() if type(m) is DoubleStreamBlock]
+    plain = [b for b in blocks if type(b.img_attn.qkv) is nn.Linear and type(b.txt_attn.qkv) is nn.Linear]
+    for b in plain:
+        b.__class__ = OwnLandedDoubleBlock
+    return len(plain)
+
+
 def overlap_single_blocks(model: nn.Module) -> int:
     """Give every SingleStreamBlock of `model` with plain nn.Linear weights the overlapped forward; returns how many."""
     blocks = [m for m in model.modules() if type(m) is SingleStreamBlock]
@@ -411,6 +472,8 @@ class SequenceParallel(nn.Module):
         if attention == "ulysses":
             check_divisible(local_heads(model), self.world, "Ulysses: attention heads per rank")
         self.overlapped = overlap_single_blocks(model) if overlap and attention == "ulysses" else 0
+        if overlap and attention == "ulysses":
+            own_landed_double_blocks(model)
         self.exchange = make_exchange(transport, self.group)
         share_step_cache(self, model, self.group)  # a step cache decides from every rank's tokens
 
