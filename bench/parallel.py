@@ -24,6 +24,8 @@ Plans (the product of the numbers must be the world size, except "1"):
   PLAN:ceowncopy `:ce` with --overlap and the fused kernel: the single blocks' own q, k, v heads written into the
                  send buffer and copied to where they land (a 2-D copy), instead of written there by the kernel
                  (`sp.OWN_LANDED`; what `:ce` was before the sixteenth session)
+  PLAN:ceheadmajor `:ce` with --overlap and the fused kernel: q, k, v written where they land, in head-major
+                 order (as the other paths land them) instead of token-major (`sp.TOKEN_MAJOR`)
 Run each compiled plan of full-size dev as its own job: on the H200s (ninth session) a second compiled plan in
 the same process ran out of memory, the first plan's 64 GB still allocated (on the CPU it is freed; the JSON's
 left_allocated_gib_rank says what a plan left behind). Per plan and size: one warm-up `sample()` of 2 steps,
@@ -216,7 +218,7 @@ def profiled(model, cfg, size: int, steps: int, device, mode: str = "embedded", 
                                   "compute_idle_ms_per_step": wall_ms - compute}}  # fmt: skip
 
 
-VARIANTS = ("overlap", "ce", "cepull", "ceflat", "ceperm", "unfused", "stack", "ceowncopy")
+VARIANTS = ("overlap", "ce", "cepull", "ceflat", "ceperm", "unfused", "stack", "ceowncopy", "ceheadmajor")
 
 
 def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, compile: bool | str = False,
@@ -230,6 +232,7 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     overlap = "overlap" in variants
     sp_module.DIRECT_SEND[0] = "stack" not in variants
     sp_module.OWN_LANDED[0] = "ceowncopy" not in variants
+    sp_module.TOKEN_MAJOR[0] = "ceheadmajor" not in variants
     named = {"cepull": "copy-engine-pull", "ceflat": "copy-engine-flat", "ceperm": "copy-engine-permute-output",
              "ce": "copy-engine"}  # fmt: skip
     transport = next((named[v] for v in named if v in variants), "nccl")
@@ -241,7 +244,8 @@ def run_plan(name: str, cfg, size: int, steps: int, info, fp8: bool = False, com
     res = {"plan": name, "sp": sp, "tp": tp, "batch": batch, "attention": attn if sp > 1 else None, "gpus": gpus,
            "mode": mode, "images": images, "transport": transport if sp > 1 else None,
            "fused": bool(compile) and "unfused" not in variants and info.device.type == "cuda",
-           "direct_send": "stack" not in variants, "own_landed": "ceowncopy" not in variants}  # fmt: skip
+           "direct_send": "stack" not in variants, "own_landed": "ceowncopy" not in variants,
+           "token_major": "ceheadmajor" not in variants}  # fmt: skip
     if gpus > 1 or info.rank == 0:
         res |= check(cfg, size, mesh, attn, info.device, batch, overlap, transport, res["fused"], compile)
         model = build(cfg, mesh, attn, info.device, fp8, compile, overlap, transport, "unfused" not in variants)

@@ -132,14 +132,14 @@ def test_ulysses_with_each_landing_equals_single_process(n, sp, tp, land, land_o
     assert _run(n, _ulysses_worker, sp, tp, True, True, settings) < TOL
 
 
-def _own_landed_worker(own_landed: bool) -> tuple[float, int]:
+def _own_landed_worker(own_landed: bool, token_major: bool = True) -> tuple[float, int]:
     """The overlapped blocks over pushed copies with `sp.OWN_LANDED` on or off: the difference from one process and
     how many exchanges had their own chunk written where it lands (`landing` calls)."""
     from fluxrt.parallel import sp as sp_mod
 
     torch.set_num_threads(1)
     model, inputs = tiny_flow(guidance_embed=True), _inputs(True)
-    sp_mod.OWN_LANDED[0] = own_landed
+    sp_mod.OWN_LANDED[0], sp_mod.TOKEN_MAJOR[0] = own_landed, token_major
     try:
         with torch.no_grad():
             ref = model(*inputs[:5], guidance=inputs[5])
@@ -149,7 +149,7 @@ def _own_landed_worker(own_landed: bool) -> tuple[float, int]:
             par = parallelize(model, make_mesh(2, 1), "ulysses", overlap=True, transport=ex)
             out = par(*inputs[:5], guidance=inputs[5])
     finally:
-        sp_mod.OWN_LANDED[0] = True
+        sp_mod.OWN_LANDED[0] = sp_mod.TOKEN_MAJOR[0] = True
     return _max_over_ranks((out - ref).abs().max().item()), len(calls)
 
 
@@ -159,6 +159,8 @@ def test_blocks_write_their_own_heads_where_they_land_and_equal_single_process()
     assert len(model.double_blocks) >= 1
     diff, landed = _run(2, _own_landed_worker, True)
     assert diff < TOL and landed == blocks  # one q, k, v exchange per block, a double block's two streams in one
+    diff, landed = _run(2, _own_landed_worker, True, False)  # landing head-major (bench :ceheadmajor)
+    assert diff < TOL and landed == blocks
     diff, landed = _run(2, _own_landed_worker, False)  # the own chunk packed, then copied (bench :ceowncopy)
     assert diff < TOL and landed == 0
 

@@ -132,14 +132,15 @@ def pack_qkv(norm, q, k, v, pe, n: int) -> torch.Tensor:
 
 
 OWN_LANDED = [True]  # benchmarks switch it off (bench/parallel.py :ceowncopy) to time the own chunk's copy again
+TOKEN_MAJOR = [True]  # `send_own_landed`'s layout; off: head-major, as the other paths land (bench :ceheadmajor)
 
 
-def send_qkv(norm, q, k, v, pe, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
-    """A block's q, k, v -> all-to-all in flight to their head shards: `send_to_heads(pack_qkv(...))`, or where
-    `own_landed` holds, `send_own_landed`."""
+def send_qkv(norm, q, k, v, pe, group, exchange: CopyEngineExchange | None = None) -> tuple[torch.Tensor, bool]:
+    """A block's q, k, v -> (all-to-all in flight to their head shards, whether it lands token-major): where
+    `own_landed` holds `send_own_landed`, else `send_to_heads(pack_qkv(...))`. Pass both to `ulysses_local`."""
     if own_landed(exchange, [norm], q):
-        return send_own_landed([(norm, q, k, v, pe)], dist.get_world_size(group), exchange)
-    return send_to_heads(pack_qkv(norm, q, k, v, pe, dist.get_world_size(group)), group, exchange)
+        return send_own_landed([(norm, q, k, v, pe)], dist.get_world_size(group), exchange), TOKEN_MAJOR[0]
+    return send_to_heads(pack_qkv(norm, q, k, v, pe, dist.get_world_size(group)), group, exchange), False
 
 
 def own_landed(exchange: CopyEngineExchange | None, norms, x: torch.Tensor) -> bool:
@@ -162,23 +163,31 @@ def send_own_landed(parts, n: int, exchange: CopyEngineExchange) -> torch.Tensor
     straight where they land in its receive buffer (`CopyEngineExchange.landing`) and the other ranks' into the
     send buffer, each run at its token offset, so nothing joins the runs, stacks q, k, v or copies the own chunk
     (which ran as an SM kernel beside nothing). Outside compiled code: the receive buffer is the exchange's, and
-    the kernel is launched eagerly (in a CUDA graph its launch is captured like any other)."""
+    the kernel is launched eagerly (in a CUDA graph its launch is captured like any other).
+
+    Token-major (`TOKEN_MAJOR`, the default): each chunk is laid out (3, B, Ls, h/n, D) and q, k, v land as
+    (3, B, n, Ls, h/n, D), so each is a (B, h/n, L, D) view of (B, L, h/n, D) memory: the order the attention
+    kernel reads best, and whose output it then writes in the (B, L, h/n * D) order the output's exchange sends,
+    with no transpose copy between them. Head-major: (3, B, h/n, n, Ls, D), as `send_to_heads` lands them."""
     b, h, _, d = parts[0][1].shape
-    runs = [p[1].shape[2] for p in parts]
-    shape = (n, 3, b, h // n, sum(runs), d)
-    own = exchange.landing(shape, parts[0][1].dtype, parts[0][1].device, dim=3)  # (3, B, h/n, L, D)
+    runs, hl, tm = [p[1].shape[2] for p in parts], h // n, TOKEN_MAJOR[0]
+    shape = (n, 3, b, sum(runs), hl, d) if tm else (n, 3, b, hl, sum(runs), d)
+    own = exchange.landing(shape, parts[0][1].dtype, parts[0][1].device, dim=2 if tm else 3)
+    own = own.transpose(2, 3) if tm else own  # (3, B, h/n, L, D) either way, as the kernel addresses it
     if all(_kernel_runs(p[0], p[1]) for p in parts):
         send, start = torch.empty(shape, dtype=own.dtype, device=own.device), 0
+        heads_first = send.transpose(3, 4) if tm else send  # (n, 3, B, h/n, L, D)
         for (norm, q, k, v, pe), length in zip(parts, runs, strict=True):
             cut = slice(start, start + length)
             norm_rope.kernels().norm_rope_send(q, k, v, norm.query_norm.scale, norm.key_norm.scale, pe, n,
-                                               exchange.rank, own[:, :, :, cut], send[:, :, :, :, cut])  # fmt: skip
+                                               exchange.rank, own[:, :, :, cut], heads_first[:, :, :, :, cut])  # fmt: skip
             start += length
     else:
         qkv = [(*norm(q, k, pe), v) for norm, q, k, v, pe in parts]
         send = pack_send(torch.stack([torch.cat(t, dim=2) for t in zip(*qkv, strict=True)]), n)
-        own.copy_(send[exchange.rank])
-    return exchange.start(send, dim=3, own_written=True)
+        send = send.transpose(3, 4).contiguous() if tm else send  # (n, 3, B, Ls, h/n, D)
+        own.copy_(send[exchange.rank].transpose(2, 3) if tm else send[exchange.rank])
+    return exchange.start(send, dim=2 if tm else 3, own_written=True)
 
 
 def seq_to_heads_start(x: torch.Tensor, group, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
@@ -193,10 +202,15 @@ def send_to_heads(send: torch.Tensor, group, exchange: CopyEngineExchange | None
     return _all_to_all(send, group, exchange)
 
 
-def seq_to_heads_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None) -> torch.Tensor:
+def seq_to_heads_finish(recv: torch.Tensor, exchange: CopyEngineExchange | None = None,
+                        token_major: bool = False) -> torch.Tensor:  # fmt: skip
     """(n, S, B, h/n, Ls, D), recv[r] = rank r's tokens of my heads -> (S, B, h/n, n*Ls, D); from the copy-engine
-    transport already (S, B, h/n, n, Ls, D), tokens in rank order, which needs no copy."""
+    transport already (S, B, h/n, n, Ls, D), tokens in rank order, which needs no copy; token_major: landed as
+    (S, B, n, Ls, h/n, D) (`send_own_landed`), returned as a view too."""
     recv = _wait(recv, exchange)
+    if token_major:
+        s, b, n, ls, hl, d = recv.shape
+        return recv.reshape(s, b, n * ls, hl, d).transpose(2, 3)
     if exchange is not None and exchange.land:
         s, b, hl, n, ls, d = recv.shape
         return recv.reshape(s, b, hl, n * ls, d)
@@ -242,10 +256,10 @@ def ulysses_attention(q, k, v, layout: Layout, group, inner: str = "sdpa", key_i
 
 
 def ulysses_local(heads: torch.Tensor, layout: Layout, inner: str, key_index=None,
-                  exchange: CopyEngineExchange | None = None) -> torch.Tensor:  # fmt: skip
-    """What arrived from `seq_to_heads_start` of stacked q, k, v -> this rank's heads' attention output
-    (B, h/n, n*Ls, D), ready for `heads_to_seq`."""
-    q, k, v = seq_to_heads_finish(heads, exchange).unbind(0)  # each (B, h/n, n*Ls, D)
+                  exchange: CopyEngineExchange | None = None, token_major: bool = False) -> torch.Tensor:  # fmt: skip
+    """What arrived from `seq_to_heads_start` of stacked q, k, v (or from `send_qkv`, with its `token_major`) ->
+    this rank's heads' attention output (B, h/n, n*Ls, D), ready for `heads_to_seq`."""
+    q, k, v = seq_to_heads_finish(heads, exchange, token_major).unbind(0)  # each (B, h/n, n*Ls, D)
     if layout.padded:
         idx = layout.key_index(q.device) if key_index is None else key_index
         k, v = k.index_select(2, idx), v.index_select(2, idx)
@@ -375,9 +389,10 @@ class OverlappedSingleBlock(SingleStreamBlock):
         h, w1, w2, hid = modulate(x, shift, scale), self.linear1.weight, self.linear2.weight, self.hidden
         q, k, v = split_heads(F.linear(h, w1[: 3 * hid]), self.heads)  # each (B, heads, Ls, D)
         ex = c.exchange
-        heads = send_qkv(self.norm, q, k, v, pe, c.group, ex)
+        heads, token_major = send_qkv(self.norm, q, k, v, pe, c.group, ex)
         mlp = self.mlp_act(F.linear(h, w1[3 * hid :]))  # (B, Ls, mlp_hidden) while q, k, v are in flight
-        back = heads_to_seq_start(ulysses_local(heads, c.layout, c.inner, c.key_index, ex), c.group, ex)
+        local = ulysses_local(heads, c.layout, c.inner, c.key_index, ex, token_major)
+        back = heads_to_seq_start(local, c.group, ex)
         y = F.linear(mlp, w2[:, hid:])  # (B, Ls, H) while the attention output is in flight
         attn = heads_to_seq_finish(back, ex).transpose(1, 2).flatten(2)  # (B, Ls, H)
         return x + gate * (F.linear(attn, w2[:, :hid]) + y)
@@ -405,7 +420,8 @@ class OwnLandedDoubleBlock(DoubleStreamBlock):
         txt_q, txt_k, txt_v = split_heads(ta.qkv(modulate(txt, txt_shift1, txt_scale1)), ta.heads)
         parts = [(ta.norm, txt_q, txt_k, txt_v, pe[:, :, :n_txt]), (ia.norm, img_q, img_k, img_v, pe[:, :, n_txt:])]
         heads = send_own_landed(parts, dist.get_world_size(c.group), c.exchange)
-        out = heads_to_seq(ulysses_local(heads, c.layout, c.inner, c.key_index, c.exchange), c.group, c.exchange)
+        local = ulysses_local(heads, c.layout, c.inner, c.key_index, c.exchange, TOKEN_MAJOR[0])
+        out = heads_to_seq(local, c.group, c.exchange)
         attn = out.transpose(1, 2).flatten(2)  # (B, L_txt + L_img, H)
         txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
 
