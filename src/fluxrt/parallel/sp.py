@@ -469,7 +469,8 @@ class SequenceParallel(nn.Module):
     "ring" (K/V passed around the ring; any head count, less memory per rank for very long sequences).
     inner: the attention backend Ulysses uses for its local full attention ("sdpa", "math", or a registered one).
     overlap: Ulysses only; the single blocks compute their MLP products while their all-to-alls are in flight
-    (`OverlappedSingleBlock`; apply before compiling). transport: how Ulysses' all-to-alls move data, "nccl"
+    (`OverlappedSingleBlock`), and over the copy-engine transport every block writes its own q, k, v heads where
+    they land (`send_own_landed`, `OwnLandedDoubleBlock`); apply before compiling. transport: how Ulysses' all-to-alls move data, "nccl"
     (NCCL's kernels) or "copy-engine" (`copy_engine.CopyEngineExchange`: symmetric memory and copy engines, CUDA,
     compile with fullgraph=False). Every rank passes the same full inputs and gets the same full (B, L_img, 128)
     output.
