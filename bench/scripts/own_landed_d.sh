@@ -2,7 +2,8 @@
 # Sixteenth session, 2 GPUs, after own_landed_b.sh: the send buffers of the own-landed path kept by the exchange
 # (two per shape) instead of allocated per exchange; SP 2 --overlap over copy engines in a CUDA graph, dev 1024²,
 # 50 steps, compiled bf16, one plan per job, alternating with the previous path (:ceowncopy): time and peak memory.
-# About 4 minutes.
+# About 4 minutes. The kept send buffers changed nothing measurable (peak 64.0 GiB against 63.9) and were
+# reverted after this call (bench/RESULTS.md).
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv > $OUT/gpus.txt
 R="python3 -m torch.distributed.run --standalone --nproc-per-node 2 bench/parallel.py --model flux.2-dev --compile --steps 50 --sizes 1024 --cuda-graph"

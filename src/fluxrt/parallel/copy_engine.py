@@ -118,7 +118,6 @@ class _Slot:
             self.remote = [[b.remote(src).view(shape)[rank] for src in range(n)] for b in self.buffers]
         self.turn = 0
         self.last = None  # (event, recorded in a CUDA graph capture) ending the latest exchange of this shape
-        self.sends: list = [None, None]  # `CopyEngineExchange.landing`'s send buffers, made on first use
 
 
 class CopyEngineExchange:
@@ -158,21 +157,16 @@ class CopyEngineExchange:
         return self._slots[key]
 
     @torch.compiler.disable
-    def landing(self, shape, dtype: torch.dtype, device: torch.device, dim: int = 0) -> tuple[torch.Tensor, ...]:
-        """Push mode: (where this rank's own chunk lands in the result of the next `start` of a send of `shape`,
-        a send buffer of `shape` for it). The first is the `.select(dim, rank)` view of this rank's buffer that
-        `start` returns: write the own chunk there, the peers' chunks into the second, then call `start(send, dim,
-        own_written=True)`, which skips the own chunk's copy. Safe to write before `start`: peers write only their
-        own chunks into this rank's buffer, and this rank's last read of it is earlier on the same stream. The send
-        buffers are kept, two per shape taken in turn like the receive buffers (a send is read by the copies until
-        the exchange's barrier, which its `wait` waits for), so none is allocated per exchange: a send allocated
-        eagerly inside a CUDA graph's capture would hold pool memory of its own per block."""
+    def landing(self, shape, dtype: torch.dtype, device: torch.device, dim: int = 0) -> torch.Tensor:
+        """Push mode: where this rank's own chunk lands in the result of the next `start` of a send of `shape`
+        (the `.select(dim, rank)` view of this rank's buffer that `start` returns). Write the own chunk there, then
+        call `start(send, dim, own_written=True)`: the exchange skips its copy. Safe to write before `start`:
+        peers write only their own chunks into this buffer, and this rank's last read of it is earlier on the
+        same stream."""
         if not self.push:
             raise ValueError("landing() is where a pushed exchange's result lies; pull mode packs a new tensor")
         slot = self._slot(shape, dtype, device, dim)
-        if slot.sends[slot.turn] is None:
-            slot.sends[slot.turn] = torch.empty(shape, dtype=dtype, device=device)
-        return slot.local[slot.turn].select(dim, self.rank), slot.sends[slot.turn]
+        return slot.local[slot.turn].select(dim, self.rank)
 
     @torch.compiler.disable
     def begin(self, device: torch.device) -> None:

@@ -172,10 +172,10 @@ def send_own_landed(parts, n: int, exchange: CopyEngineExchange) -> torch.Tensor
     b, h, _, d = parts[0][1].shape
     runs, hl, tm = [p[1].shape[2] for p in parts], h // n, TOKEN_MAJOR[0]
     shape = (n, 3, b, sum(runs), hl, d) if tm else (n, 3, b, hl, sum(runs), d)
-    own, send = exchange.landing(shape, parts[0][1].dtype, parts[0][1].device, dim=2 if tm else 3)
+    own = exchange.landing(shape, parts[0][1].dtype, parts[0][1].device, dim=2 if tm else 3)
     own = own.transpose(2, 3) if tm else own  # (3, B, h/n, L, D) either way, as the kernel addresses it
     if all(_kernel_runs(p[0], p[1]) for p in parts):
-        start = 0
+        send, start = torch.empty(shape, dtype=own.dtype, device=own.device), 0
         heads_first = send.transpose(3, 4) if tm else send  # (n, 3, B, h/n, L, D)
         for (norm, q, k, v, pe), length in zip(parts, runs, strict=True):
             cut = slice(start, start + length)
@@ -184,8 +184,8 @@ def send_own_landed(parts, n: int, exchange: CopyEngineExchange) -> torch.Tensor
             start += length
     else:
         qkv = [(*norm(q, k, pe), v) for norm, q, k, v, pe in parts]
-        packed = pack_send(torch.stack([torch.cat(t, dim=2) for t in zip(*qkv, strict=True)]), n)
-        send.copy_(packed.transpose(3, 4) if tm else packed)  # (n, 3, B, Ls, h/n, D) token-major
+        send = pack_send(torch.stack([torch.cat(t, dim=2) for t in zip(*qkv, strict=True)]), n)
+        send = send.transpose(3, 4).contiguous() if tm else send  # (n, 3, B, Ls, h/n, D)
         own.copy_(send[exchange.rank].transpose(2, 3) if tm else send[exchange.rank])
     return exchange.start(send, dim=2 if tm else 3, own_written=True)
 
