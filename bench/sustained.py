@@ -13,9 +13,9 @@ power draw and clock-event reasons (power cap, thermal) every 100 ms:
   with the shapes the real model gives them (recorded from a forward on the meta device: `step_products`), random
   operands and nothing between them. Its time is what one step would take if all the elementwise work were free: a
   floor for any step made of these products, at the clock this card holds under them.
-- products-ew: the products, each block linear followed by a streaming elementwise kernel (a negation) moving as many bytes as the elementwise
-  work after it must read and write at the least (`elementwise_traffic`: every kernel fused as far as a separate
-  kernel can be, nothing read twice). Its time is a floor for any step whose matmuls are cuBLAS's (no fused
+- products-ew: the products, each block linear followed by a streaming elementwise kernel (a negation) moving as
+  many bytes as the elementwise work after it must read and write at the least (`elementwise_traffic`: every
+  kernel fused as far as a separate kernel can be, nothing read twice). Its time is a floor for any step whose matmuls are cuBLAS's (no fused
   epilogues) and whose elementwise kernels run between them. products-ew-side: the same kernels on a second stream,
   beside the products: the floor if that work could hide behind the matmuls entirely.
 - products-fp8: the same with the linears of the default fp8 layer choice (`fluxrt.quant.fp8.FP8_SKIP`) as
@@ -139,8 +139,6 @@ def elementwise_traffic(p: Product) -> int:
     reading x and the product, writing x and the modulated input (4 x out). A single block's linear1 (out = 3 D + 2 F,
     in = D) is q, k, v and gate-up at once. Anything else (embedders, modulation, final layer): 0."""
     name, rows = p.name, p.m
-    if name == "attention":
-        return 0
     if name.endswith("attn.qkv"):
         return 2 * rows * p.n
     if name.endswith("mlp.0"):

@@ -170,15 +170,22 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(hidden, mlp_hidden)
 
     def forward(self, img, txt, pe, mod_img, mod_txt, kv: RefKV | None = None):
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+        (img_shift1, img_scale1, _), _ = mod_img
+        (txt_shift1, txt_scale1, _), _ = mod_txt
         n_txt = txt.shape[1]  # pe covers [txt, img]; RoPE is per token, so each stream takes its rows
         img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(img, img_shift1, img_scale1), pe[:, :, n_txt:])
         txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(txt, txt_shift1, txt_scale1), pe[:, :, :n_txt])
         q, k, v = (torch.cat(p, dim=2) for p in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
         attn = joint_attention(self, q, k, v, n_txt, kv)  # (B, L_txt + L_img, H)
-        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
+        return self.after_attention(img, txt, attn, mod_img, mod_txt)
 
+    def after_attention(self, img, txt, attn, mod_img, mod_txt):
+        """The block after its joint attention's output attn (B, L_txt + L_img, H): per stream, the gated output
+        projection, then the gated MLP, each added to the stream."""
+        (_, _, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
+        (_, _, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+        n_txt = txt.shape[1]
+        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
         img = img + img_gate1 * self.img_attn.proj(img_attn)
         img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)

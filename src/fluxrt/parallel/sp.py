@@ -413,8 +413,8 @@ class OwnLandedDoubleBlock(DoubleStreamBlock):
         ia, ta = self.img_attn, self.txt_attn
         if not own_landed(c.exchange, [ia.norm, ta.norm], img):
             return super().forward(img, txt, pe, mod_img, mod_txt, kv)
-        (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = mod_img
-        (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = mod_txt
+        (img_shift1, img_scale1, _), _ = mod_img
+        (txt_shift1, txt_scale1, _), _ = mod_txt
         n_txt = txt.shape[1]
         img_q, img_k, img_v = split_heads(ia.qkv(modulate(img, img_shift1, img_scale1)), ia.heads)
         txt_q, txt_k, txt_v = split_heads(ta.qkv(modulate(txt, txt_shift1, txt_scale1)), ta.heads)
@@ -422,14 +422,7 @@ class OwnLandedDoubleBlock(DoubleStreamBlock):
         heads = send_own_landed(parts, dist.get_world_size(c.group), c.exchange)
         local = ulysses_local(heads, c.layout, c.inner, c.key_index, c.exchange, TOKEN_MAJOR[0])
         out = heads_to_seq(local, c.group, c.exchange)
-        attn = out.transpose(1, 2).flatten(2)  # (B, L_txt + L_img, H)
-        txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
-
-        img = img + img_gate1 * ia.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(img, img_shift2, img_scale2))
-        txt = txt + txt_gate1 * ta.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(txt, txt_shift2, txt_scale2))
-        return img, txt
+        return self.after_attention(img, txt, out.transpose(1, 2).flatten(2), mod_img, mod_txt)
 
 
 def own_landed_double_blocks(model: nn.Module) -> int:
